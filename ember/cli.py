@@ -1,0 +1,252 @@
+"""Ember's command line: ``ember run``, ``exec``, ``images``, ``rig``, ``host-check``, ``firecracker``.
+
+Every user error is one line on stderr and a non-zero exit, never a
+traceback. ``ember run`` boots the default guest when given no kernel, and
+runs inside the rig when the local KVM cannot boot standard kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import os
+import shlex
+import sys
+import time
+
+from ember.errors import EmberError
+
+STARTED_NS = time.monotonic_ns()
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="ember", description="A microVM monitor for Linux KVM, in Python.")
+    parser.add_argument("--version", action="version", version=f"ember {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="boot a microVM (the default guest when no --kernel is given)")
+    run.add_argument("--kernel", help="guest kernel: ELF vmlinux or bzImage")
+    run.add_argument("--initrd", help="initramfs (cpio, optionally gzip-compressed)")
+    run.add_argument("--rootfs", help="root file system image, attached as a virtio block device")
+    run.add_argument("--drive", action="append", default=[], metavar="PATH[,ro]",
+                     help="extra raw disk image (repeatable)")
+    run.add_argument("--cmdline", help="kernel command line (replaces the default)")
+    run.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory (default 256)")
+    run.add_argument("--vcpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
+    run.add_argument("--console", default="stdio", metavar="stdio|file:PATH|none", help="guest console")
+    run.add_argument("--agent-sock", metavar="PATH", help="Unix socket for `ember exec` (default guest only)")
+    run.add_argument("--verbose", "-v", action="store_true", help="print boot time and VM exits by reason")
+    run.add_argument("--no-rig", action="store_true", help="never fall back to the rig")
+    run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
+                     help="command for the default guest's init to run (then it powers off)")
+
+    ex = sub.add_parser("exec", help="run a command in a running guest through its agent")
+    ex.add_argument("--agent-sock", required=True, metavar="PATH")
+    ex.add_argument("--timeout", type=float, default=60.0)
+    ex.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+
+    images = sub.add_parser("images", help="build or locate the default guest images")
+    isub = images.add_subparsers(dest="images_command", required=True, parser_class=_Parser)
+    isub.add_parser("build", help="build the kernel, initramfs and ext4 root file system")
+    path = isub.add_parser("path", help="print a cached artifact's path, building it if missing")
+    path.add_argument("artifact", choices=["kernel", "vmlinux", "initrd", "rootfs"])
+
+    rig = sub.add_parser("rig", help="run a command inside the rig (emulated host with AMD-V)")
+    rig.add_argument("--timeout", type=float, default=600.0, metavar="S")
+    rig.add_argument("--out", metavar="DIR", help="host directory whose writes come back")
+    rig.add_argument("rig_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+
+    sub.add_parser("host-check", help="report what the local KVM offers")
+    sub.add_parser("firecracker", help="Firecracker-compatible VMM process (see --help)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["firecracker"]:
+        from ember.api.firecracker_cli import main as firecracker_main
+        return firecracker_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="ember: %(message)s")
+    try:
+        return _dispatch(args, argv)
+    except EmberError as err:
+        print(f"ember: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "run":
+        return cmd_run(args, argv)
+    if args.command == "exec":
+        from ember.agent import run_command
+        return run_command(args.agent_sock, _strip_dashes(args.guest_command), timeout=args.timeout)
+    if args.command == "images":
+        return cmd_images(args)
+    if args.command == "rig":
+        from ember.rig.cli import run_rig
+        return run_rig(args)
+    if args.command == "host-check":
+        from ember.rig.cli import host_check
+        return host_check(args)
+    raise EmberError(f"unknown command {args.command}")
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from ember import images
+
+    if args.images_command == "build":
+        for name, path in images.build_all(progress=sys.stderr.isatty()).items():
+            print(f"{name}: {path}")
+        return 0
+    print(images.artifact_path(args.artifact, build=True, progress=sys.stderr.isatty()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    command = _strip_dashes(args.guest_command)
+    config = run_config(args, command)
+    if not args.no_rig and not os.environ.get("EMBER_IN_RIG"):
+        from ember.rig.hostcheck import host_kvm
+
+        host = host_kvm()
+        if not host.can_boot_linux:
+            return _run_in_rig(host.detail, config, args, command)
+    return boot(config, args)
+
+
+def run_config(args: argparse.Namespace, command: list[str]):
+    """Turn `ember run` options into a validated VmConfig (default images when no kernel)."""
+    from ember import config as cfg
+
+    if args.vcpus < 1 or args.vcpus > cfg.MAX_VCPUS:
+        raise EmberError(f"--vcpus must be between 1 and {cfg.MAX_VCPUS}")
+    if args.mem < cfg.MIN_MEM_MIB:
+        raise EmberError(f"--mem must be at least {cfg.MIN_MEM_MIB} MiB")
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None:
+        from ember import images
+
+        kernel = str(images.artifact_path("kernel", build=True, progress=sys.stderr.isatty()))
+        if initrd is None and args.rootfs is None:
+            initrd = str(images.artifact_path("initrd", build=True, progress=sys.stderr.isatty()))
+    drives = []
+    if args.rootfs:
+        drives.append(cfg.Drive(drive_id="rootfs", path_on_host=args.rootfs, is_root_device=True))
+    for index, spec in enumerate(args.drive):
+        path, _, flags = spec.partition(",")
+        if flags not in ("", "ro"):
+            raise EmberError(f"invalid --drive {spec!r}: the only flag is ',ro'")
+        drives.append(cfg.Drive(drive_id=f"drive{index}", path_on_host=path,
+                                is_root_device=False, is_read_only=flags == "ro"))
+    boot_args = args.cmdline if args.cmdline is not None else cfg.DEFAULT_BOOT_ARGS
+    if args.rootfs and args.cmdline is None:
+        boot_args += " root=/dev/vda rw"
+    if command:
+        encoded = base64.b64encode(guest_shell_command(command).encode()).decode()
+        boot_args += f" ember.cmd={encoded}"
+    if args.agent_sock:
+        boot_args += " ember.agent=1"
+    config = cfg.VmConfig(
+        boot_source=cfg.BootSource(kernel_image_path=kernel, initrd_path=initrd, boot_args=boot_args),
+        machine_config=cfg.MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem),
+        drives=drives,
+    )
+    cfg.validate(config)
+    return config
+
+
+def boot(config, args: argparse.Namespace) -> int:
+    from ember.machine import MicroVM
+
+    stdin = sys.stdin.fileno() if args.console == "stdio" and _has_stdin() else None
+    vm = MicroVM(config, console=args.console, console_input=stdin,
+                 agent_socket=args.agent_sock, started_ns=STARTED_NS)
+    try:
+        vm.start()
+        info = vm.wait()
+    except KeyboardInterrupt:
+        vm.stop()
+        info = vm.wait(timeout=10)
+    finally:
+        vm._teardown()
+    if args.verbose:
+        _print_summary(vm, info)
+    if info.reason.value in ("error", "panic", "triple-fault"):
+        print(f"ember: {info.describe()}", file=sys.stderr)
+    return info.exit_code
+
+
+def _run_in_rig(why: str, config, args: argparse.Namespace, command: list[str]) -> int:
+    from ember import rig
+
+    print(f"ember: {why}; booting inside the rig (an emulated host with AMD-V)", file=sys.stderr)
+    inner = [sys.executable, "-m", "ember", "run", "--no-rig",
+             "--kernel", config.boot_source.kernel_image_path,
+             "--mem", str(args.mem), "--vcpus", str(args.vcpus), "--console", args.console]
+    if config.boot_source.initrd_path:
+        inner += ["--initrd", config.boot_source.initrd_path]
+    if args.cmdline is not None:
+        inner += ["--cmdline", args.cmdline]
+    if args.rootfs:
+        inner += ["--rootfs", os.path.abspath(args.rootfs)]
+    for spec in args.drive:
+        inner += ["--drive", os.path.abspath(spec)]
+    if args.verbose:
+        inner.append("--verbose")
+    if command:
+        inner += ["--", *command]
+    return rig.run(inner, cwd=os.getcwd())
+
+
+def _print_summary(vm, info) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = vm.metrics()
+    console = Console(stderr=True)
+    boot_us = metrics["boot_time_us"]
+    boot_text = "not reported" if boot_us is None else f"{boot_us / 1000:.1f} ms"
+    console.print(f"[bold]{info.describe() if info else 'running'}[/]; boot time to init: {boot_text}")
+    table = Table(title="VM exits by reason")
+    for col in ("reason", "count", "mean µs in Ember"):
+        table.add_column(col, justify="right" if col != "reason" else "left")
+    for reason, stat in metrics["exits"]["by_reason"].items():
+        mean = stat["total_ns"] / stat["count"] / 1000 if stat["count"] else 0
+        table.add_row(reason, str(stat["count"]), f"{mean:.1f}")
+    console.print(table)
+
+
+def _has_stdin() -> bool:
+    try:
+        return sys.stdin is not None and os.isatty(sys.stdin.fileno())
+    except (OSError, ValueError):
+        return False
+
+
+def _strip_dashes(command: list[str]) -> list[str]:
+    return command[1:] if command[:1] == ["--"] else command
+
+
+def guest_shell_command(command: list[str]) -> str:
+    """One argument is a shell command line (like ssh); several are quoted words."""
+    return command[0] if len(command) == 1 else shlex.join(command)
+
+
+def _version() -> str:
+    from ember import __version__
+
+    return __version__

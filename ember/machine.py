@@ -1,0 +1,309 @@
+"""A microVM: guest memory, vCPUs and devices built from a VmConfig, and its lifecycle.
+
+``MicroVM`` is Ember's Python API; the CLI and the Firecracker-compatible
+HTTP server both drive it. It creates the VM with the in-kernel irqchip and
+PIT (KVM API), loads the kernel per the Linux boot protocol, wires the
+device model to the PIO and MMIO buses, then runs one thread per vCPU and
+one event-loop thread for device work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from ember import config as cfg
+from ember.arch.x86_64 import boot as x86_boot
+from ember.arch.x86_64 import layout
+from ember.console import ConsoleInput, ConsoleOutput, open_output
+from ember.devices.bus import Bus
+from ember.devices.legacy.boot_timer import BootTimer
+from ember.devices.legacy.i8042 import I8042
+from ember.devices.legacy.serial import Serial
+from ember.errors import EmberError
+from ember.eventloop import EventLoop
+from ember.exitstats import ExitStats
+from ember.interrupts import IrqfdLine
+from ember.kvm import Kvm
+from ember.memory import GuestMemory
+from ember.outcome import ExitInfo, ExitReason
+from ember.vcpu_loop import VcpuLoop
+
+log = logging.getLogger(__name__)
+
+KICK_SIGNAL = signal.SIGUSR1
+COM1_PORT, COM1_IRQ = 0x3F8, 4
+COM2_PORT, COM2_IRQ = 0x2F8, 3
+SERIAL_PORTS = 8
+I8042_PORT, I8042_PORTS = 0x60, 5
+POST_PORT = 0x80  # Linux's io_delay port: a write-only sink
+
+
+class _Sink:
+    """A device that accepts writes and reads as zero (Linux's port 0x80 delay)."""
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+
+def _install_kick_handler() -> None:
+    if threading.current_thread() is threading.main_thread():
+        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, None):
+            signal.signal(KICK_SIGNAL, lambda *_: None)
+
+
+_install_kick_handler()
+
+
+class MicroVM:
+    """One microVM. ``start()`` boots it; ``wait()`` returns how it ended."""
+
+    def __init__(self, config: cfg.VmConfig, *, console: str = "stdio",
+                 console_input: int | None = None, kvm_path: str = "/dev/kvm",
+                 agent_socket: str | None = None, started_ns: int | None = None) -> None:
+        cfg.validate(config)
+        self.config = config
+        self.state = "Not started"
+        self._console_spec = console
+        self._console_input_fd = console_input
+        self._kvm_path = kvm_path
+        self._agent_socket = agent_socket
+        self._started_ns = started_ns or time.monotonic_ns()
+        self._lock = threading.Condition()
+        self._exit: ExitInfo | None = None
+        self._paused = False
+        self._parked = 0
+        self._guest_status: int | None = None
+        self._threads: list[threading.Thread] = []
+        self._loops: list[VcpuLoop] = []
+        self._closers: list = []
+        self.boot_time_ns: int | None = None
+        self.exit_stats = ExitStats()
+
+    # ---- building -------------------------------------------------------
+    def start(self) -> None:
+        if self.state != "Not started":
+            raise EmberError("the microVM was already started")
+        try:
+            self._build()
+        except BaseException:
+            self._teardown()
+            raise
+        self.state = "Running"
+        self.events.start()
+        for index, loop in enumerate(self._loops):
+            thread = threading.Thread(target=self._vcpu_main, args=(loop,), name=f"vcpu{index}", daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _build(self) -> None:
+        mc = self.config.machine_config
+        mem_size = mc.mem_size_mib << 20
+        self.kvm = Kvm(self._kvm_path)
+        self._closers.append(self.kvm)
+        self.vm = self.kvm.create_vm()
+        self._closers.append(self.vm)
+        self.vm.set_tss_addr(layout.KVM_TSS_ADDR)
+        self.vm.set_identity_map_addr(layout.KVM_IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        self.memory = GuestMemory(layout.ram_regions(mem_size))
+        self._closers.append(self.memory)
+        self.memory.register(self.vm, track_dirty=mc.track_dirty_pages)
+        self.events = EventLoop()
+        self._closers.append(self.events)
+        self.pio_bus, self.mmio_bus = Bus(), Bus()
+        self._build_legacy_devices()
+        cmdline = self._cmdline()
+        boot = self.config.boot_source
+        self.boot = x86_boot.load_guest(
+            self.memory, kernel_path=boot.kernel_image_path, initrd_path=boot.initrd_path,
+            cmdline=cmdline, mem_size=mem_size, vcpu_count=mc.vcpu_count)
+        supported = self.kvm.get_supported_cpuid()
+        for index in range(mc.vcpu_count):
+            vcpu = self.vm.create_vcpu(index)
+            self._closers.append(vcpu)
+            x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported)
+            self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats()))
+        log.info("built microVM: %d vCPU(s), %d MiB, cmdline %r", mc.vcpu_count, mc.mem_size_mib, cmdline)
+
+    def _irq(self, gsi: int) -> IrqfdLine:
+        line = IrqfdLine(self.vm, gsi)
+        self._closers.append(line)
+        return line
+
+    def _build_legacy_devices(self) -> None:
+        self.console_out: ConsoleOutput = open_output(self._console_spec)
+        self._closers.append(self.console_out)
+        self.serial = Serial(self._irq(COM1_IRQ), self.console_out)
+        self.pio_bus.register(COM1_PORT, SERIAL_PORTS, self.serial, name="serial0")
+        self.agent_serial = Serial(self._irq(COM2_IRQ), self._agent_output)
+        self.pio_bus.register(COM2_PORT, SERIAL_PORTS, self.agent_serial, name="serial1")
+        self.i8042 = I8042(on_reset=self._on_guest_reset)
+        self.pio_bus.register(I8042_PORT, I8042_PORTS, self.i8042, name="i8042")
+        self.pio_bus.register(POST_PORT, 1, _Sink(), name="post")
+        self.boot_timer = BootTimer(on_boot_complete=self._on_boot_complete,
+                                    on_exit_status=self._on_exit_status)
+        self.mmio_bus.register(layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, self.boot_timer, name="boot-timer")
+        if self._console_input_fd is not None:
+            self._console_in = ConsoleInput(self._console_input_fd, self.serial.enqueue_input,
+                                            on_quit=lambda: self._end(ExitInfo(ExitReason.STOPPED, detail="console escape")))
+            self._closers.append(self._console_in)
+            self.events.add_reader(self._console_in.fd, self._read_console)
+        self._agent_clients: list = []
+        if self._agent_socket:
+            from ember.agent import AgentBridge
+            self.agent_bridge = AgentBridge(self._agent_socket, self.events, self.agent_serial.enqueue_input)
+            self._closers.append(self.agent_bridge)
+
+    def _agent_output(self, data: bytes) -> None:
+        bridge = getattr(self, "agent_bridge", None)
+        if bridge is not None:
+            bridge.guest_output(data)
+
+    def _read_console(self) -> None:
+        if not self._console_in.on_readable():
+            self.events.remove_reader(self._console_in.fd)
+
+    def _cmdline(self) -> str:
+        args = self.config.boot_source.boot_args
+        return cfg.DEFAULT_BOOT_ARGS if args is None else args
+
+    # ---- running --------------------------------------------------------
+    def _vcpu_main(self, loop: VcpuLoop) -> None:
+        while True:
+            outcome = loop.run(lambda: self._exit is not None or self._paused)
+            if outcome is not None:
+                self._end(outcome)
+            with self._lock:
+                if self._exit is not None:
+                    break
+                if self._paused:
+                    self._parked += 1
+                    self._lock.notify_all()
+                    while self._paused and self._exit is None:
+                        self._lock.wait()
+                    self._parked -= 1
+                    loop.vcpu.immediate_exit = 0
+                if self._exit is not None:
+                    break
+        with self._lock:
+            self.exit_stats.merge(loop.stats)
+
+    def _on_boot_complete(self, timestamp_ns: int) -> None:
+        self.boot_time_ns = timestamp_ns - self._started_ns
+        log.info("guest reached init in %.1f ms", self.boot_time_ns / 1e6)
+
+    def _on_exit_status(self, status: int) -> None:
+        self._guest_status = status
+
+    def _on_guest_reset(self) -> None:
+        if self.console_out.panicked:
+            self._end(ExitInfo(ExitReason.PANIC, detail="kernel panic"))
+        elif self._guest_status is not None:
+            self._end(ExitInfo(ExitReason.POWEROFF, status=self._guest_status))
+        else:
+            self._end(ExitInfo(ExitReason.REBOOT))
+
+    def _end(self, info: ExitInfo) -> None:
+        if info.reason is ExitReason.TRIPLE_FAULT and self.console_out.panicked:
+            info = ExitInfo(ExitReason.PANIC, detail="kernel panic")
+        with self._lock:
+            if self._exit is not None:
+                return
+            self._exit = info
+            self.state = "Exited"
+            self._lock.notify_all()
+        log.info("microVM ended: %s %s", info.reason.value, info.detail)
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        for loop, thread in zip(self._loops, self._threads):
+            loop.vcpu.immediate_exit = 1
+            if thread.ident is not None and thread is not threading.current_thread():
+                try:
+                    signal.pthread_kill(thread.ident, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    # ---- lifecycle ------------------------------------------------------
+    def pause(self) -> None:
+        with self._lock:
+            if self.state != "Running":
+                raise EmberError(f"cannot pause a microVM that is {self.state.lower()}")
+            self._paused = True
+        self._kick_all()
+        with self._lock:
+            while self._parked < len(self._loops) and self._exit is None:
+                self._lock.wait(timeout=1)
+            if self._exit is None:
+                self.state = "Paused"
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.state != "Paused":
+                raise EmberError(f"cannot resume a microVM that is {self.state.lower()}")
+            self._paused = False
+            self.state = "Running"
+            self._lock.notify_all()
+
+    def send_ctrl_alt_del(self) -> None:
+        """Firecracker's SendCtrlAltDel: without a keyboard driver, a reset request."""
+        if self.state not in ("Running", "Paused"):
+            raise EmberError("the microVM is not running")
+        self._end(ExitInfo(ExitReason.REBOOT, detail="Ctrl-Alt-Del"))
+
+    def stop(self) -> None:
+        self._end(ExitInfo(ExitReason.STOPPED, detail="stopped by the host"))
+
+    def wait(self, timeout: float | None = None) -> ExitInfo | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self._exit is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._lock.wait(timeout=left if left is not None else 1.0)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._teardown()
+        return self._exit
+
+    def metrics(self) -> dict:
+        live = ExitStats()
+        live.merge(self.exit_stats)
+        if self.state != "Exited":
+            for loop in self._loops:
+                live.merge(loop.stats)
+        return {
+            "state": self.state,
+            "boot_time_us": None if self.boot_time_ns is None else self.boot_time_ns // 1000,
+            "vcpus": len(self._loops),
+            "exits": live.as_dict(),
+            "uart": {"tx_bytes": self.console_out.bytes_out} if hasattr(self, "console_out") else {},
+            "pio_bus": self.pio_bus.stats() if hasattr(self, "pio_bus") else {},
+            "mmio_bus": self.mmio_bus.stats() if hasattr(self, "mmio_bus") else {},
+        }
+
+    def _teardown(self) -> None:
+        closers, self._closers = self._closers, []
+        for obj in reversed(closers):
+            try:
+                obj.close()
+            except Exception:
+                log.debug("closing %r failed", obj, exc_info=True)
+
+    def __enter__(self) -> "MicroVM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.state in ("Running", "Paused"):
+            self.stop()
+            self.wait(timeout=10)
+        self._teardown()

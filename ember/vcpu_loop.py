@@ -1,0 +1,87 @@
+"""The vCPU run loop: KVM_RUN, decode the exit, dispatch it to the buses.
+
+Each vCPU thread spends its life in KVM_RUN (which releases the GIL) and
+only decodes exits here (KVM API: "The kvm_run structure"). PIO and MMIO
+exits go to the device buses; shutdown, internal errors and failed entries
+end the VM. Every exit is counted and timed in the thread's ExitStats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from ember.kvm import structs as k
+from ember.outcome import ExitInfo, ExitReason
+
+log = logging.getLogger(__name__)
+
+REASON_NAMES = {value: name[len("KVM_EXIT_"):].lower()
+                for name, value in vars(k).items()
+                if name.startswith("KVM_EXIT_") and isinstance(value, int)}
+
+
+class VcpuLoop:
+    """Runs one vCPU until the guest stops it or the host asks it to."""
+
+    def __init__(self, vcpu, pio_bus, mmio_bus, stats) -> None:
+        self.vcpu = vcpu
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.stats = stats
+
+    def run(self, should_return: Callable[[], bool]):
+        """Loop in KVM_RUN. Returns an ExitInfo when the VM must end, None when asked to return."""
+        vcpu, record, clock = self.vcpu, self.stats.record, time.perf_counter_ns
+        while True:
+            reason = vcpu.run()
+            start = clock()
+            if reason == k.KVM_EXIT_IO:
+                record("io", self._pio(), clock() - start)
+            elif reason == k.KVM_EXIT_MMIO:
+                record("mmio", self._mmio(), clock() - start)
+            elif reason == k.KVM_EXIT_INTR:
+                record("intr", None, 0)
+                if should_return():
+                    return None
+            elif reason == k.KVM_EXIT_HLT:
+                record("hlt", None, 0)
+                return ExitInfo(ExitReason.POWEROFF, detail="vCPU halted")
+            elif reason == k.KVM_EXIT_SHUTDOWN:
+                record("shutdown", None, 0)
+                return ExitInfo(ExitReason.TRIPLE_FAULT, detail="guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+            elif reason == k.KVM_EXIT_SYSTEM_EVENT:
+                record("system_event", None, 0)
+                return self._system_event()
+            else:
+                name = REASON_NAMES.get(reason, str(reason))
+                record(name, None, 0)
+                return ExitInfo(ExitReason.ERROR, detail=f"unhandled VM exit {name}")
+
+    def _pio(self) -> str:
+        is_write, port, size, count, data = self.vcpu.pio()
+        bus = self.pio_bus
+        for i in range(count):
+            chunk = data[i * size:(i + 1) * size]
+            if is_write:
+                bus.write(port, bytes(chunk))
+            else:
+                chunk[:] = bus.read(port, size)
+        return f"pio:{port:#x}"
+
+    def _mmio(self) -> str:
+        addr, is_write, data = self.vcpu.mmio()
+        if is_write:
+            self.mmio_bus.write(addr, bytes(data))
+        else:
+            data[:] = self.mmio_bus.read(addr, len(data))
+        return f"mmio:{addr & ~0xFFF:#x}"
+
+    def _system_event(self):
+        kind = self.vcpu.run_state.system_event.type
+        if kind == k.KVM_SYSTEM_EVENT_RESET:
+            return ExitInfo(ExitReason.REBOOT, detail="system reset event")
+        if kind == k.KVM_SYSTEM_EVENT_CRASH:
+            return ExitInfo(ExitReason.PANIC, detail="guest crash event")
+        return ExitInfo(ExitReason.POWEROFF, detail="system shutdown event")
