@@ -39,7 +39,7 @@ def invalid_path(method: str, path: str) -> ApiError:
 
 def not_supported(feature: str) -> ApiError:
     """A Firecracker feature Ember does not implement yet."""
-    return ApiError(f"The requested operation is not supported: {feature} is not implemented by Ember yet.")
+    return ApiError(f"The requested operation is not supported: Ember does not implement {feature} yet.")
 
 
 def bad_json(detail: str) -> ApiError:

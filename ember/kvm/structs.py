@@ -277,7 +277,7 @@ class kvm_ioapic_state(_Struct):
 
 
 class _kvm_irqchip_chip(ctypes.Union):
-    _fields_ = [("dummy", ctypes.c_char * 512), ("pic", kvm_pic_state),
+    _fields_ = [("dummy", u8 * 512), ("pic", kvm_pic_state),
                 ("ioapic", kvm_ioapic_state)]
 
 
@@ -349,7 +349,7 @@ class kvm_debugregs(_Struct):
 
 
 class kvm_lapic_state(_Struct):
-    _fields_ = [("regs", ctypes.c_char * KVM_APIC_REG_SIZE)]
+    _fields_ = [("regs", u8 * KVM_APIC_REG_SIZE)]
 
 
 class kvm_mp_state(_Struct):
@@ -518,7 +518,7 @@ class _kvm_run_exit(ctypes.Union):
                 ("ex", kvm_run_ex), ("io", kvm_run_io), ("debug", kvm_run_debug),
                 ("mmio", kvm_run_mmio), ("hypercall", kvm_run_hypercall),
                 ("internal", kvm_run_internal), ("system_event", kvm_run_system_event),
-                ("msr", kvm_run_msr), ("padding", ctypes.c_char * 256)]
+                ("msr", kvm_run_msr), ("padding", u8 * 256)]
 
 
 SYNC_REGS_SIZE_BYTES = 2048
@@ -533,4 +533,4 @@ class kvm_run(_Struct):
                 ("ready_for_interrupt_injection", u8), ("if_flag", u8), ("flags", u16),
                 ("cr8", u64), ("apic_base", u64), ("_exit", _kvm_run_exit),
                 ("kvm_valid_regs", u64), ("kvm_dirty_regs", u64),
-                ("s", ctypes.c_char * SYNC_REGS_SIZE_BYTES)]
+                ("s", u8 * SYNC_REGS_SIZE_BYTES)]

@@ -82,9 +82,6 @@ class BootParams(ctypes.LittleEndianStructure):
     ]
 
 
-assert ctypes.sizeof(BootParams) == BOOT_PARAMS_SIZE
-
-
 def encode_cmdline(cmdline: str, kernel: LoadedKernel) -> bytes:
     """The NUL-terminated command line, or ConfigError naming the limit."""
     data = cmdline.encode()

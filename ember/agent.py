@@ -1,0 +1,155 @@
+"""The host side of the guest agent: run a command in a running guest.
+
+The default guest's agent listens on its second serial port (COM2). The VMM
+bridges that port to a Unix socket (``AgentBridge``, on the event loop);
+``ember exec`` connects there and speaks the agent's line protocol
+(``ember.images.agent_protocol``): one request, then stdout, stderr and the
+exit status come back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import time
+
+from ember.errors import EmberError
+
+log = logging.getLogger(__name__)
+
+
+class AgentBridge:
+    """Bridges one Unix-socket client at a time to the agent's serial port."""
+
+    def __init__(self, path: str, loop, to_guest) -> None:
+        self.path = path
+        self._loop = loop
+        self._to_guest = to_guest
+        self._client: socket.socket | None = None
+        if os.path.exists(path):
+            os.unlink(path)
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self._server.bind(path)
+        self._server.listen(4)
+        loop.add_reader(self._server.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self._server.accept()
+        except BlockingIOError:
+            return
+        if self._client is not None:
+            conn.close()  # one exec at a time
+            return
+        conn.setblocking(False)
+        self._client = conn
+        self._loop.add_reader(conn.fileno(), self._from_client)
+
+    def _from_client(self) -> None:
+        client = self._client
+        if client is None:
+            return
+        try:
+            data = client.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self._to_guest(data)
+            return
+        self._loop.remove_reader(client.fileno())
+        client.close()
+        self._client = None
+
+    def guest_output(self, data: bytes) -> None:
+        """Called on a vCPU thread with bytes the agent wrote to its port."""
+        client = self._client
+        if client is None:
+            return
+        try:
+            client.sendall(data)
+        except OSError:
+            log.debug("agent client went away")
+
+    def close(self) -> None:
+        self._loop.remove_reader(self._server.fileno())
+        self._server.close()
+        if self._client is not None:
+            self._client.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def exec_in_guest(sock_path: str, command: str, *, timeout: float = 60.0) -> tuple[bytes, bytes, int]:
+    """Run ``command`` through the agent; returns (stdout, stderr, exit status)."""
+    from ember.images import agent_protocol as proto
+
+    deadline = time.monotonic() + timeout
+    conn = _connect(sock_path, deadline)
+    request_id = os.getpid() & 0xFFFF
+    with conn:
+        conn.sendall(proto.encode_request(request_id, command))
+        return _collect_reply(conn, request_id, deadline)
+
+
+def _connect(path: str, deadline: float) -> socket.socket:
+    while True:
+        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            conn.connect(path)
+            return conn
+        except (FileNotFoundError, ConnectionRefusedError) as err:
+            conn.close()
+            if time.monotonic() > deadline:
+                raise EmberError(f"cannot reach the guest agent at {path}: {err.strerror}") from None
+            time.sleep(0.1)
+
+
+def _collect_reply(conn: socket.socket, request_id: int, deadline: float) -> tuple[bytes, bytes, int]:
+    from ember.images import agent_protocol as proto
+
+    out, err, buffer = b"", b"", b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EmberError("the guest agent did not answer in time")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(65536)
+        except socket.timeout:
+            continue
+        if not chunk:
+            raise EmberError("the guest agent closed the connection")
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            reply = proto.parse_reply(line)
+            if reply is None or reply[1] != request_id:
+                continue
+            kind, _, payload = reply
+            if kind == "OUT":
+                out = payload
+            elif kind == "ERR":
+                err = payload
+            elif kind == "RC":
+                return out, err, int(payload)
+
+
+def run_command(sock_path: str, command: list[str], *, timeout: float = 60.0) -> int:
+    """`ember exec`: print the guest command's output, return its status."""
+    import shlex
+
+    if not command:
+        raise EmberError("no command given: ember exec --agent-sock PATH -- COMMAND")
+    text = command[0] if len(command) == 1 else shlex.join(command)
+    out, err, status = exec_in_guest(sock_path, text, timeout=timeout)
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(err)
+    sys.stderr.flush()
+    return status

@@ -1,0 +1,95 @@
+"""What every VirtIO device offers its transport (VIRTIO 1.2 sections 2 and 6).
+
+A device has an ID (5), feature bits (2.2, 6), queue sizes, a config space
+(2.5) and a queue handler; the transport does negotiation, status and
+interrupts and hands the device its activated queues.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import msgspec
+
+from ember.devices.virtio.queue import Virtqueue
+
+log = logging.getLogger(__name__)
+
+# Reserved feature bits (6) the transport and queue implement for every device.
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+
+# Device IDs (5).
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_VSOCK = 19
+
+CONFIG_ACCESS_SIZES = (1, 2, 4, 8)
+
+
+class DeviceState(msgspec.Struct):
+    """A device's own saved state beyond its queues (none by default)."""
+
+    acked_features: int = 0
+
+
+class VirtioDevice:
+    """Base class: subclasses set device_id and features and handle queues."""
+
+    device_id: int = 0
+
+    def __init__(self, queue_max_sizes: Sequence[int], features: int) -> None:
+        self.queue_max_sizes = tuple(queue_max_sizes)
+        self.features = features | VIRTIO_F_VERSION_1
+        self.acked_features = 0
+        self.queues: list[Virtqueue] = []
+        self._signal_used: Callable[[int], None] = lambda index: None
+
+    # -- transport hooks ----------------------------------------------------
+    def bind(self, signal_used: Callable[[int], None]) -> None:
+        """The transport's callback: `signal_used(queue_index)` after pushing used buffers."""
+        self._signal_used = signal_used
+
+    def signal_used(self, index: int) -> None:
+        self._signal_used(index)
+
+    def activate(self, queues: list[Virtqueue], acked_features: int) -> None:
+        """The driver set DRIVER_OK: start serving `queues`."""
+        self.queues = queues
+        self.acked_features = acked_features
+
+    def reset(self) -> None:
+        """The driver wrote 0 to Status: drop every reference to the queues."""
+        self.queues = []
+        self.acked_features = 0
+
+    def process_queue(self, index: int) -> None:
+        """The driver notified queue `index`; may raise VirtqueueError."""
+        raise NotImplementedError
+
+    # -- config space ---------------------------------------------------------
+    def config_bytes(self) -> bytes:
+        """The device-specific config layout (little-endian)."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """Bounds-checked config read: out-of-range or odd sizes read as zeros."""
+        config = self.config_bytes()
+        if size not in CONFIG_ACCESS_SIZES or offset < 0 or offset + size > len(config):
+            return bytes(size)
+        return config[offset:offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """Config writes are ignored unless a device has writable fields."""
+        log.debug("%s: ignored config write at %#x", type(self).__name__, offset)
+
+    # -- snapshots --------------------------------------------------------------
+    def save_state(self) -> DeviceState:
+        return DeviceState(acked_features=self.acked_features)
+
+    def restore_state(self, state: DeviceState) -> None:
+        self.acked_features = state.acked_features

@@ -1,0 +1,254 @@
+"""The device side of a split virtqueue (VIRTIO 1.2 section 2.7).
+
+Reads descriptor chains (direct and indirect, 2.7.5) from the driver's
+available ring, publishes used elements (2.7.8) and decides when the driver
+wants an interrupt (VIRTIO_F_EVENT_IDX, 2.7.7 and 2.7.10). Every index, address
+and length the guest wrote is checked; a bad chain raises VirtqueueError.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass, field
+
+import msgspec
+
+from ember.memory import GuestMemoryError
+
+log = logging.getLogger(__name__)
+
+DESC_SIZE = 16
+DESC_FORMAT = struct.Struct("<QIHH")  # addr, len, flags, next
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+RING_HEADER_SIZE = 4  # flags, idx
+USED_ELEM = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
+
+DESC_ALIGN = 16
+AVAIL_ALIGN = 2
+USED_ALIGN = 4
+MAX_QUEUE_SIZE = 32768  # 2.7: split queue sizes are powers of 2 up to 32768
+IDX_MASK = 0xFFFF
+
+# A full memory barrier: taking a lock is an atomic read-modify-write, which
+# orders our used-ring stores before the loads of the driver's event index.
+_BARRIER_LOCK = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """Order earlier guest-memory stores before later loads (x86 mfence-like)."""
+    with _BARRIER_LOCK:
+        pass
+
+
+class VirtqueueError(Exception):
+    """The driver put something malformed on a queue; the device must stop."""
+
+
+class QueueState(msgspec.Struct):
+    """What the transport and device know of one queue; saved in snapshots."""
+
+    max_size: int
+    size: int = 0
+    ready: bool = False
+    desc_addr: int = 0
+    driver_addr: int = 0
+    device_addr: int = 0
+    next_avail: int = 0
+    next_used: int = 0
+    signalled_used: int = 0
+
+
+@dataclass
+class DescriptorChain:
+    """One request: the guest buffers the device may read, then write."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(v) for v in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+
+def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event (2.7.10): did new_idx just move past event_idx?"""
+    return ((new_idx - event_idx - 1) & IDX_MASK) < ((new_idx - old_idx) & IDX_MASK)
+
+
+class _ChainWalker:
+    """Follows one descriptor chain, counting every descriptor it visits."""
+
+    def __init__(self, queue: Virtqueue, head: int) -> None:
+        self.queue = queue
+        self.chain = DescriptorChain(head)
+        self.budget = queue.size  # a chain never has more descriptors than the queue
+
+    def walk(self) -> DescriptorChain:
+        table, count, index, indirect = self.queue.desc_table, self.queue.size, self.chain.head, False
+        while True:
+            addr, length, flags, nxt = self._descriptor(table, count, index)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise VirtqueueError("nested indirect descriptor")
+                table, count = self._indirect_table(addr, length, flags)
+                index, indirect = 0, True
+                continue
+            self._add_buffer(addr, length, flags)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return self.chain
+            index = nxt
+
+    def _descriptor(self, table: memoryview, count: int, index: int) -> tuple[int, int, int, int]:
+        if index >= count:
+            raise VirtqueueError(f"descriptor index {index} outside a table of {count}")
+        self.budget -= 1
+        if self.budget < 0:
+            raise VirtqueueError("descriptor chain longer than the queue (a loop?)")
+        return DESC_FORMAT.unpack_from(table, index * DESC_SIZE)
+
+    def _indirect_table(self, addr: int, length: int, flags: int) -> tuple[memoryview, int]:
+        if not self.queue.indirect_enabled:
+            raise VirtqueueError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise VirtqueueError("indirect descriptor with NEXT set")
+        if length == 0 or length % DESC_SIZE:
+            raise VirtqueueError(f"indirect table length {length} not a multiple of {DESC_SIZE}")
+        count = length // DESC_SIZE
+        if count > self.queue.size:
+            raise VirtqueueError(f"indirect table of {count} entries exceeds the queue size")
+        self.budget = count  # the descriptors inside bound the rest of the walk
+        return self.queue.guest_view(addr, length), count
+
+    def _add_buffer(self, addr: int, length: int, flags: int) -> None:
+        if flags & VIRTQ_DESC_F_WRITE:
+            if length:
+                self.chain.writable.append(self.queue.guest_view(addr, length))
+        elif self.chain.writable:
+            raise VirtqueueError("readable descriptor after a writable one")
+        elif length:
+            self.chain.readable.append(self.queue.guest_view(addr, length))
+
+
+class Virtqueue:
+    """A split virtqueue in guest memory, driven from the device side."""
+
+    def __init__(self, memory, max_size: int) -> None:
+        if not 0 < max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue size {max_size} is not a power of 2 up to {MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.state = QueueState(max_size=max_size)
+        self.event_idx = False
+        self.indirect_enabled = False
+        self._release_views()
+
+    @property
+    def size(self) -> int:
+        return self.state.size
+
+    @property
+    def active(self) -> bool:
+        return self.desc_table is not None
+
+    def guest_view(self, addr: int, length: int) -> memoryview:
+        """A bounds-checked view of guest memory; bad ranges are a VirtqueueError."""
+        try:
+            return self.memory.view(addr, length)
+        except GuestMemoryError as exc:
+            raise VirtqueueError(f"buffer {addr:#x}+{length:#x} outside guest memory: {exc}") from None
+
+    def activate(self, *, event_idx: bool, indirect: bool) -> None:
+        """Check the driver's ring set-up and map the three rings (2.7)."""
+        size = self.state.size
+        if not 0 < size <= self.state.max_size or size & (size - 1):
+            raise VirtqueueError(f"queue size {size} invalid (max {self.state.max_size}, power of 2)")
+        self._check_alignment()
+        self.event_idx, self.indirect_enabled = event_idx, indirect
+        self.desc_table = self.guest_view(self.state.desc_addr, DESC_SIZE * size)
+        self.avail = self.guest_view(self.state.driver_addr, RING_HEADER_SIZE + 2 * size + 2)
+        self.used = self.guest_view(self.state.device_addr, RING_HEADER_SIZE + USED_ELEM.size * size + 2)
+
+    def _check_alignment(self) -> None:
+        for name, addr, align in (("descriptor table", self.state.desc_addr, DESC_ALIGN),
+                                  ("available ring", self.state.driver_addr, AVAIL_ALIGN),
+                                  ("used ring", self.state.device_addr, USED_ALIGN)):
+            if addr % align:
+                raise VirtqueueError(f"{name} at {addr:#x} not {align}-byte aligned")
+
+    def reset(self) -> None:
+        """Forget the driver's set-up (device reset, 2.4)."""
+        self.state = QueueState(max_size=self.state.max_size)
+        self.event_idx = self.indirect_enabled = False
+        self._release_views()
+
+    def _release_views(self) -> None:
+        self.desc_table: memoryview | None = None
+        self.avail: memoryview | None = None
+        self.used: memoryview | None = None
+
+    # -- available ring -------------------------------------------------
+    def _avail_idx(self) -> int:
+        return U16.unpack_from(self.avail, 2)[0]
+
+    def _pending(self) -> int:
+        pending = (self._avail_idx() - self.state.next_avail) & IDX_MASK
+        if pending > self.size:
+            raise VirtqueueError(f"available index moved {pending} entries ahead of a {self.size}-entry queue")
+        return pending
+
+    def _set_avail_event(self) -> None:
+        U16.pack_into(self.used, RING_HEADER_SIZE + USED_ELEM.size * self.size, self.state.next_avail)
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available descriptor chain, or None when the ring is empty."""
+        if not self.active:
+            return None
+        if not self._pending():
+            if not self.event_idx:
+                return None
+            self._set_avail_event()  # ask for a kick on the next buffer, then re-check
+            memory_barrier()
+            if not self._pending():
+                return None
+        slot = RING_HEADER_SIZE + 2 * (self.state.next_avail % self.size)
+        head = U16.unpack_from(self.avail, slot)[0]
+        self.state.next_avail = (self.state.next_avail + 1) & IDX_MASK
+        if head >= self.size:
+            raise VirtqueueError(f"available ring names descriptor {head} of {self.size}")
+        return _ChainWalker(self, head).walk()
+
+    # -- used ring ------------------------------------------------------
+    def push_used(self, head: int, written: int) -> None:
+        """Return chain `head` to the driver with `written` bytes filled in."""
+        if not self.active:
+            return
+        slot = RING_HEADER_SIZE + USED_ELEM.size * (self.state.next_used % self.size)
+        USED_ELEM.pack_into(self.used, slot, head, written)
+        self.state.next_used = (self.state.next_used + 1) & IDX_MASK
+        U16.pack_into(self.used, 2, self.state.next_used)  # x86 keeps the two stores in order
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        if not self.active:
+            return False
+        new, old = self.state.next_used, self.state.signalled_used
+        self.state.signalled_used = new
+        if new == old:
+            return False
+        memory_barrier()
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
+            return _need_event(used_event, new, old)
+        flags = U16.unpack_from(self.avail, 0)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT

@@ -1,0 +1,75 @@
+"""The whole machine on the local /dev/kvm, booting tiny 64-bit kernels.
+
+These go through everything a Linux boot does up to the kernel's first
+instruction (ELF loading, boot_params, long-mode registers, CPUID, MSRs, the
+in-kernel irqchip) and then check that exits reach the right devices and
+that each way of ending the VM is reported as such.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ember import config as cfg
+from ember.machine import MicroVM
+from ember.outcome import ExitReason
+from tests import tinykernel as tk
+
+pytestmark = pytest.mark.kvm
+
+
+def boot(tmp_path, code: bytes, *, vcpus: int = 1, timeout: float = 60):
+    kernel = tmp_path / "tiny.elf"
+    kernel.write_bytes(tk.elf64(code))
+    console = tmp_path / "console.log"
+    vm_config = cfg.VmConfig(
+        boot_source=cfg.BootSource(kernel_image_path=str(kernel), boot_args="console=ttyS0"),
+        machine_config=cfg.MachineConfig(vcpu_count=vcpus, mem_size_mib=64),
+    )
+    vm = MicroVM(vm_config, console=f"file:{console}")
+    vm.start()
+    info = vm.wait(timeout=timeout)
+    if info is None:
+        vm.stop()
+        vm.wait(timeout=10)
+        pytest.fail("the tiny kernel did not end the VM in time")
+    return vm, info, console.read_bytes()
+
+
+def test_serial_output_and_i8042_reset(tmp_path):
+    vm, info, console = boot(tmp_path, tk.serial_write(b"hello\n") + tk.i8042_reset() + tk.halt_forever())
+    assert console == b"hello\n"
+    assert info.reason is ExitReason.REBOOT
+    exits = vm.metrics()["exits"]
+    assert exits["by_reason"]["io"]["count"] >= 7  # six serial bytes and the reset
+
+
+def test_boot_timer_and_exit_status_mean_poweroff(tmp_path):
+    code = tk.boot_complete() + tk.exit_status(7) + tk.i8042_reset() + tk.halt_forever()
+    vm, info, _ = boot(tmp_path, code)
+    assert info.reason is ExitReason.POWEROFF
+    assert info.status == 7 and info.exit_code == 7
+    assert vm.boot_time_ns is not None and vm.boot_time_ns > 0
+    assert vm.metrics()["exits"]["by_reason"]["mmio"]["count"] == 2
+
+
+def test_triple_fault_is_reported(tmp_path):
+    _, info, _ = boot(tmp_path, tk.triple_fault())
+    assert info.reason is ExitReason.TRIPLE_FAULT
+    assert info.exit_code == 65
+
+
+def test_stop_ends_a_running_guest(tmp_path):
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(tk.elf64(b"\xeb\xfe"))  # jmp $
+    vm = MicroVM(cfg.VmConfig(boot_source=cfg.BootSource(kernel_image_path=str(kernel)),
+                              machine_config=cfg.MachineConfig(mem_size_mib=32)), console="none")
+    vm.start()
+    assert vm.wait(timeout=0.5) is None
+    vm.pause()
+    assert vm.state == "Paused"
+    vm.resume()
+    assert vm.state == "Running"
+    vm.stop()
+    info = vm.wait(timeout=10)
+    assert info is not None and info.reason is ExitReason.STOPPED

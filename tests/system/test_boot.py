@@ -1,0 +1,49 @@
+"""Boot the default guest (real Linux) and check what the issue promises.
+
+Runs where the host KVM has hardware virtualization, else inside the rig
+(tests/system/conftest.py decides). Each test is one `ember run`, as a user
+would type it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+BOOT_TIMEOUT = 240
+
+
+def ember_run(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ember", "run", "--no-rig", *args],
+                          capture_output=True, timeout=timeout, text=True)
+
+
+@pytest.mark.parametrize("vcpus", [1, 2])
+def test_default_guest_runs_a_command_on_every_vcpu(vcpus):
+    result = ember_run("--vcpus", str(vcpus), "--verbose", "--",
+                       "echo guest-says-hello; grep -c ^processor /proc/cpuinfo")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "guest-says-hello" in lines
+    assert lines[lines.index("guest-says-hello") + 1].strip() == str(vcpus)
+    assert "boot time to init" in result.stderr
+    assert "not reported" not in result.stderr  # init wrote the boot-timer marker
+
+
+def test_command_exit_status_reaches_the_host():
+    result = ember_run("--", "exit 3")
+    assert result.returncode == 3, result.stderr
+
+
+def test_guest_reboot_ends_the_vm_with_reboot_status():
+    result = ember_run("--", "reboot")
+    assert result.returncode == 64, result.stderr
+
+
+def test_guest_panic_is_reported():
+    result = ember_run("--", "echo c > /proc/sysrq-trigger")
+    assert result.returncode in (66,), (result.returncode, result.stdout[-2000:], result.stderr)
