@@ -229,7 +229,7 @@ def _check_layout(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
     for gpa, size in layout:
         if size <= 0 or gpa < 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise ConfigError(f"memory region {gpa:#x}+{size:#x} is not page aligned and non-empty")
-    for (gpa, size), (next_gpa, _) in zip(layout, layout[1:]):
+    for (gpa, size), (next_gpa, _) in zip(layout, layout[1:], strict=False):
         if gpa + size > next_gpa:
             raise ConfigError(f"memory regions overlap at {next_gpa:#x}")
     return layout

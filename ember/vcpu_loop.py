@@ -22,6 +22,14 @@ REASON_NAMES = {value: name[len("KVM_EXIT_"):].lower()
                 if name.startswith("KVM_EXIT_") and isinstance(value, int)}
 
 
+INTERNAL_ERRORS = {
+    k.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+    k.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+    k.KVM_INTERNAL_ERROR_DELIVERY_EV: "event delivery failed",
+    k.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected exit reason",
+}
+
+
 class VcpuLoop:
     """Runs one vCPU until the guest stops it or the host asks it to."""
 
@@ -51,6 +59,13 @@ class VcpuLoop:
             elif reason == k.KVM_EXIT_SHUTDOWN:
                 record("shutdown", None, 0)
                 return ExitInfo(ExitReason.TRIPLE_FAULT, detail="guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+            elif reason == k.KVM_EXIT_INTERNAL_ERROR:
+                record("internal_error", None, 0)
+                return self._internal_error()
+            elif reason == k.KVM_EXIT_FAIL_ENTRY:
+                record("fail_entry", None, 0)
+                reason_code = self.vcpu.run_state.fail_entry.hardware_entry_failure_reason
+                return ExitInfo(ExitReason.ERROR, detail=f"VM entry failed (hardware reason {reason_code:#x})")
             elif reason == k.KVM_EXIT_SYSTEM_EVENT:
                 record("system_event", None, 0)
                 return self._system_event()
@@ -77,6 +92,15 @@ class VcpuLoop:
         else:
             data[:] = self.mmio_bus.read(addr, len(data))
         return f"mmio:{addr & ~0xFFF:#x}"
+
+    def _internal_error(self) -> ExitInfo:
+        """KVM could not go on; simultaneous exceptions are the guest's triple fault."""
+        suberror = self.vcpu.run_state.internal.suberror
+        if suberror == k.KVM_INTERNAL_ERROR_SIMUL_EX:
+            return ExitInfo(ExitReason.TRIPLE_FAULT, detail="simultaneous exceptions (KVM internal error)")
+        name = INTERNAL_ERRORS.get(suberror, f"suberror {suberror}")
+        regs = self.vcpu.get_regs()
+        return ExitInfo(ExitReason.ERROR, detail=f"KVM internal error: {name} at rip {regs.rip:#x}")
 
     def _system_event(self):
         kind = self.vcpu.run_state.system_event.type

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_PAYLOAD = 51200
 SERVER_NAME = "Ember API"
 _CONNECTION_TIMEOUT_S = 300
+_POLL_INTERVAL_S = 0.05
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -90,6 +91,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not hasattr(self, "command") or self.command is None:
             self.command = "GET"
         status = HTTPStatus.BAD_REQUEST if code >= 500 else code
+        self.request_version = self.protocol_version  # answer with a status line even to HTTP/0.9
         self._reply(Reply(status, {"fault_message": text}))
 
     def version_string(self) -> str:
@@ -102,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("api: " + format, *args)
 
     def log_request(self, code="-", size="-") -> None:
-        log.debug("api: %s %s -> %s", self.command, self.path, code)
+        log.debug("api: %s %s -> %s", self.command, getattr(self, "path", "?"), code)
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -124,7 +126,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def start(self) -> None:
         """Serve in a background thread (named like Firecracker's ``fc_api``)."""
-        self._thread = threading.Thread(target=self.serve_forever, name="fc_api", daemon=True)
+        self._thread = threading.Thread(target=self.serve_forever, args=(_POLL_INTERVAL_S,),
+                                        name="fc_api", daemon=True)
         self._thread.start()
         log.info("API server listening on %s", self.path)
 

@@ -11,6 +11,7 @@ EMBER_AGENT_BAD_REQUEST=127
 # agent_b64decode TEXT: decode standard or URL-safe base64, padding optional.
 agent_b64decode() {
     _s=$(printf '%s' "$1" | tr -- '-_' '+/')
+    case $_s in *[!A-Za-z0-9+/=]*) return 1 ;; esac
     case $(( ${#_s} % 4 )) in
         1) return 1 ;;
         2) _s="$_s==" ;;

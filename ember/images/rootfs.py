@@ -45,6 +45,7 @@ ETC_FILES = {
 }
 ELF_MAGIC = b"\x7fELF"
 ELF64_CLASS = 2
+ELF64_HEADER_SIZE = 64
 PT_INTERP = 3
 
 
@@ -54,13 +55,13 @@ def _package_file(name: str) -> bytes:
 
 def is_static_elf(data: bytes) -> bool:
     """True for a 64-bit little-endian ELF with no PT_INTERP (no dynamic loader)."""
-    if data[:4] != ELF_MAGIC or data[4] != ELF64_CLASS:
+    if len(data) < ELF64_HEADER_SIZE or data[:4] != ELF_MAGIC or data[4] != ELF64_CLASS:
         return False
     phoff, = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     for i in range(phnum):
         off = phoff + i * phentsize
-        if off + 4 > len(data):
+        if phentsize < 4 or off + 4 > len(data):
             return False
         if struct.unpack_from("<I", data, off)[0] == PT_INTERP:
             return False

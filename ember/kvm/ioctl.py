@@ -138,14 +138,14 @@ class KvmError(EmberError):
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc_ioctl = _libc.ioctl
-_libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
-_libc_ioctl.restype = ctypes.c_int
+libc_ioctl = _libc.ioctl
+libc_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+libc_ioctl.restype = ctypes.c_int
 
 
 def raw_ioctl(fd: int, request: int, arg: Any = None) -> tuple[int, int]:
     """Issue ioctl without raising: (return value, errno or 0). Releases the GIL."""
-    result = _libc_ioctl(fd, request, arg)
+    result = libc_ioctl(fd, request, arg)
     return result, (ctypes.get_errno() if result < 0 else 0)
 
 
@@ -154,7 +154,7 @@ def ioctl(fd: int, request: int, arg: Any = None, *, name: str | None = None) ->
 
     ``arg`` is None, an int (passed by value) or ctypes.byref(struct).
     """
-    result = _libc_ioctl(fd, request, arg)
+    result = libc_ioctl(fd, request, arg)
     if result < 0:
         raise KvmError(name or REQUEST_NAMES.get(request, hex(request)), ctypes.get_errno())
     return result

@@ -211,7 +211,7 @@ class _Struct(ctypes.Structure):
 
     def __repr__(self) -> str:
         parts = []
-        for name, ctype, *_ in self._fields_:
+        for name, *_ in self._fields_:
             value = getattr(self, name)
             if isinstance(value, int):
                 parts.append(f"{name}={value:#x}")

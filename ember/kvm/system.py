@@ -275,6 +275,8 @@ def _ioeventfd(fd: int, addr: int, length: int, datamatch: int | None,
                            fd=fd, flags=flags)
 
 
+_libc_ioctl = io.libc_ioctl
+_KVM_RUN = io.KVM_RUN
 _MMIO_DATA_OFFSET = s.kvm_run.mmio.offset + s.kvm_run_mmio.data.offset
 _MMIO_DATA_MAX = 8
 
@@ -290,8 +292,6 @@ class Vcpu(_Fd):
                                mmap.PROT_READ | mmap.PROT_WRITE)
         self._page = memoryview(self._mmap)
         self.run_state: s.kvm_run = s.kvm_run.from_buffer(self._mmap)
-        self._regs = s.kvm_regs()
-        self._sregs = s.kvm_sregs()
 
     def close(self) -> None:
         if getattr(self, "_mmap", None) is not None:
@@ -308,8 +308,8 @@ class Vcpu(_Fd):
     # --- running
     def run(self) -> int:
         """KVM_RUN; returns kvm_run.exit_reason (KVM_EXIT_INTR if a signal interrupted)."""
-        result, err = io.raw_ioctl(self._fd, io.KVM_RUN, None)
-        if result < 0:
+        if _libc_ioctl(self._fd, _KVM_RUN, None) < 0:  # hot path: no allocation
+            err = ctypes.get_errno()
             if err in (errno.EINTR, errno.EAGAIN):
                 return s.KVM_EXIT_INTR
             raise KvmError("KVM_RUN", err)

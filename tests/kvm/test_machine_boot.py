@@ -53,12 +53,6 @@ def test_boot_timer_and_exit_status_mean_poweroff(tmp_path):
     assert vm.metrics()["exits"]["by_reason"]["mmio"]["count"] == 2
 
 
-def test_triple_fault_is_reported(tmp_path):
-    _, info, _ = boot(tmp_path, tk.triple_fault())
-    assert info.reason is ExitReason.TRIPLE_FAULT
-    assert info.exit_code == 65
-
-
 def test_stop_ends_a_running_guest(tmp_path):
     kernel = tmp_path / "spin.elf"
     kernel.write_bytes(tk.elf64(b"\xeb\xfe"))  # jmp $

@@ -18,16 +18,19 @@ BZ_CMDLINE_SIZE = 0x7FF
 
 
 def elf_image(*, elf_class: int = 2, machine: int = 62, paddr: int = ELF_LOAD_ADDR,
-              entry: int | None = None, payload: bytes = ELF_PAYLOAD, bss: int = ELF_BSS) -> bytes:
-    """An ELF64 executable with one PT_LOAD segment at ``paddr``."""
+              entry: int | None = None, payload: bytes = ELF_PAYLOAD, bss: int = ELF_BSS,
+              empty_segment: bool = False) -> bytes:
+    """An ELF64 executable with one PT_LOAD segment at ``paddr`` (plus an empty one)."""
     phoff, ehsize, phentsize = 64, 64, 56
     data_offset = 0x1000
     ident = b"\x7fELF" + bytes([elf_class, 1, 1]) + bytes(9)
     header = struct.pack("<16sHHIQQQIHHHHHH", ident, 2, machine, 1,
                          paddr if entry is None else entry, phoff, 0, 0,
-                         ehsize, phentsize, 1, 64, 0, 0)
+                         ehsize, phentsize, 2 if empty_segment else 1, 64, 0, 0)
     phdr = struct.pack("<IIQQQQQQ", 1, 7, data_offset, (0xFFFF_FFFF_8000_0000 + paddr) & 0xFFFF_FFFF_FFFF_FFFF, paddr,
                        len(payload), len(payload) + bss, 0x20_0000)
+    if empty_segment:
+        phdr += struct.pack("<IIQQQQQQ", 1, 6, data_offset, 0, 0, 0, 0, 0x1000)
     image = header + phdr
     return image + bytes(data_offset - len(image)) + payload
 

@@ -52,6 +52,11 @@ def test_elf_entry_inside_segment(memory, tmp_path) -> None:
     assert kernel.entry == ELF_LOAD_ADDR + 0x40
 
 
+def test_elf_empty_segments_ignored(memory, tmp_path) -> None:
+    kernel = load_kernel(memory, write(tmp_path, elf_image(empty_segment=True)))
+    assert kernel.load_start == ELF_LOAD_ADDR
+
+
 def test_bzimage_protected_mode_kernel_at_1mib(memory, tmp_path) -> None:
     kernel = load_kernel(memory, write(tmp_path, bzimage()))
     assert kernel.kind == "bzimage"

@@ -29,8 +29,8 @@ def memory():
 
 
 def make_queue(memory, size=QSIZE, *, event_idx=False, indirect=True):
-    memory.write(0, bytes(RAM))
-    heap = BumpAllocator(0x1000, RAM)
+    memory.write(0, bytes(0x10000))
+    heap = BumpAllocator(0x1000, 0x10000)
     driver = DriverQueue.create(memory, heap, size)
     queue = Virtqueue(memory, size)
     queue.state.size = size

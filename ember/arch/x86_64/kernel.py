@@ -29,6 +29,7 @@ PT_LOAD = 1
 ELF_HEADER = struct.Struct("<16sHHIQQQIHHHHHH")
 ELF_PHDR = struct.Struct("<IIQQQQQQ")
 ELF_MAX_PHNUM = 256
+HEAD_SIZE = 0x1000  # enough for the ELF header or the bzImage setup header
 
 # bzImage setup header (offsets in the file, boot.rst "The real-mode kernel header").
 SETUP_SECTS_OFFSET = 0x1F1
@@ -86,7 +87,7 @@ def load_kernel(memory, path: str | os.PathLike) -> LoadedKernel:
         raise KernelImageError(f"cannot open kernel image {path}: {e.strerror}") from None
     with f:
         file_size = os.fstat(f.fileno()).st_size
-        head = _pread(f, 0, min(file_size, 0x1000))
+        head = _pread(f, 0, min(file_size, HEAD_SIZE))
         if not head:
             raise KernelImageError(f"kernel image {path} is empty")
         if head.startswith(ELF_MAGIC):
@@ -149,7 +150,7 @@ def _load_elf(memory, f, file_size: int, head: bytes, path) -> LoadedKernel:
     table = _pread(f, phoff, phnum * phentsize)
     if len(table) != phnum * phentsize:
         raise KernelImageError(f"kernel image {path} is truncated (program headers)")
-    segments = [s for s in ELF_PHDR.iter_unpack(table) if s[0] == PT_LOAD]
+    segments = [s for s in ELF_PHDR.iter_unpack(table) if s[0] == PT_LOAD and s[6] > 0]
     if not segments:
         raise KernelImageError(f"kernel image {path} has no loadable segment")
     start, end = _load_segments(memory, f, file_size, segments, path)

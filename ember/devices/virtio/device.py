@@ -48,14 +48,21 @@ class VirtioDevice:
         self.acked_features = 0
         self.queues: list[Virtqueue] = []
         self._signal_used: Callable[[int], None] = lambda index: None
+        self._kick: Callable[[int], None] = lambda index: None
 
     # -- transport hooks ----------------------------------------------------
-    def bind(self, signal_used: Callable[[int], None]) -> None:
-        """The transport's callback: `signal_used(queue_index)` after pushing used buffers."""
+    def bind(self, signal_used: Callable[[int], None], kick: Callable[[int], None]) -> None:
+        """The transport's callbacks, both taking a queue index: `signal_used` after
+        pushing used buffers; `kick` to process a queue from the host side (backend
+        input), with the same locking and failure handling as a guest notify."""
         self._signal_used = signal_used
+        self._kick = kick
 
     def signal_used(self, index: int) -> None:
         self._signal_used(index)
+
+    def kick(self, index: int) -> None:
+        self._kick(index)
 
     def activate(self, queues: list[Virtqueue], acked_features: int) -> None:
         """The driver set DRIVER_OK: start serving `queues`."""
@@ -66,6 +73,9 @@ class VirtioDevice:
         """The driver wrote 0 to Status: drop every reference to the queues."""
         self.queues = []
         self.acked_features = 0
+
+    def close(self) -> None:
+        """Release the backend (files, sockets); the device is not used again."""
 
     def process_queue(self, index: int) -> None:
         """The driver notified queue `index`; may raise VirtqueueError."""

@@ -114,7 +114,7 @@ class VirtioMmioTransport:
         self.queues = [Virtqueue(memory, size) for size in device.queue_max_sizes]
         self.state = TransportState(queues=[q.state for q in self.queues])
         self._lock = threading.RLock()
-        device.bind(self._signal_used)
+        device.bind(self._signal_used, self.notify)
 
     @property
     def num_queues(self) -> int:
@@ -207,11 +207,11 @@ class VirtioMmioTransport:
 
     def _write_queue_register(self, offset: int, value: int) -> None:
         queue = self._selected_queue()
-        if queue is None or self.state.status & STATUS_DRIVER_OK:
-            return  # queues are configured before DRIVER_OK (3.1.1)
+        if queue is None:
+            return
         q = queue.state
         if offset == REG_QUEUE_READY:
-            q.ready = bool(value & 1)
+            self._write_queue_ready(queue, bool(value & 1))
         elif q.ready:
             return  # a live queue's layout cannot change under it
         elif offset == REG_QUEUE_NUM:
@@ -219,6 +219,24 @@ class VirtioMmioTransport:
         else:
             name, shift = _QUEUE_ADDRESS_REGS[offset]
             setattr(q, name, (getattr(q, name) & ~(U32_MASK << shift)) | (value << shift))
+
+    def _write_queue_ready(self, queue: Virtqueue, ready: bool) -> None:
+        """QueueReady: set up before DRIVER_OK (3.1.1) or toggled later, as Linux's del_vq does."""
+        if ready == queue.state.ready:
+            return
+        queue.state.ready = ready
+        if not ready:
+            queue.deactivate()
+        elif self.state.status & STATUS_DRIVER_OK and not self.broken:
+            try:
+                self._activate_queue(queue)
+            except VirtqueueError as exc:
+                self._fail(exc)
+
+    def _activate_queue(self, queue: Virtqueue) -> None:
+        features = self.state.driver_features
+        queue.activate(event_idx=bool(features & VIRTIO_F_EVENT_IDX),
+                       indirect=bool(features & VIRTIO_F_INDIRECT_DESC))
 
     # -- status machine (2.1, 3.1) -------------------------------------------------
     def _write_status(self, value: int) -> None:
@@ -251,13 +269,11 @@ class VirtioMmioTransport:
         return True
 
     def _activate(self) -> None:
-        features = self.state.driver_features
         try:
             for queue in self.queues:
                 if queue.state.ready:
-                    queue.activate(event_idx=bool(features & VIRTIO_F_EVENT_IDX),
-                                   indirect=bool(features & VIRTIO_F_INDIRECT_DESC))
-            self.device.activate([q for q in self.queues], features)
+                    self._activate_queue(queue)
+            self.device.activate(list(self.queues), self.state.driver_features)
         except (VirtqueueError, GuestMemoryError) as exc:
             self._fail(exc)
 
@@ -269,6 +285,12 @@ class VirtioMmioTransport:
                 queue.reset()
             generation = self.state.config_generation
             self.state = TransportState(queues=[q.state for q in self.queues], config_generation=generation)
+
+    def close(self) -> None:
+        """Tear down: drop every view into guest memory and close the device's backend."""
+        with self._lock:
+            self.reset()
+            self.device.close()
 
     # -- queues and interrupts -------------------------------------------------------
     def notify(self, index: int) -> None:

@@ -186,6 +186,10 @@ class Virtqueue:
             if addr % align:
                 raise VirtqueueError(f"{name} at {addr:#x} not {align}-byte aligned")
 
+    def deactivate(self) -> None:
+        """The driver cleared QueueReady: stop using the rings, keep the set-up."""
+        self._release_views()
+
     def reset(self) -> None:
         """Forget the driver's set-up (device reset, 2.4)."""
         self.state = QueueState(max_size=self.state.max_size)

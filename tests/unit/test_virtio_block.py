@@ -1,0 +1,223 @@
+"""virtio-blk (VIRTIO 1.2 5.2) end to end through the MMIO transport and a raw image."""
+
+import os
+import struct
+
+import pytest
+
+from ember.devices.virtio import block, mmio
+from ember.devices.virtio.block import BlockDevice
+from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
+from ember.errors import ConfigError
+from ember.memory import GuestMemory
+
+RAM = 4 << 20
+SECTORS = 64
+
+
+class RecordingIrq:
+    def __init__(self):
+        self.count = 0
+
+    def trigger(self):
+        self.count += 1
+
+
+OPEN_DISKS = []
+
+
+@pytest.fixture()
+def memory():
+    mem = GuestMemory([(0, RAM)])
+    yield mem
+    while OPEN_DISKS:
+        OPEN_DISKS.pop().transport.close()
+    mem.close()
+
+
+@pytest.fixture()
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * (SECTORS * 2))
+    return path
+
+
+class Disk:
+    """A started virtio-blk device plus a driver that speaks its request format."""
+
+    def __init__(self, memory, path, **kwargs):
+        self.memory = memory
+        self.device = BlockDevice(str(path), **kwargs)
+        self.irq = RecordingIrq()
+        self.transport = mmio.VirtioMmioTransport(self.device, memory, self.irq)
+        self.driver = MmioDriver(self.transport, memory, BumpAllocator(0x1000, RAM))
+        (self.queue,) = self.driver.start()
+        OPEN_DISKS.append(self)
+
+    def request(self, rtype, sector=0, out=b"", in_len=0, *, indirect=False, split_header=False):
+        """Submit one request; returns (status, data_in, used_len)."""
+        header = struct.pack("<IIQ", rtype, 0, sector)
+        d = self.driver
+        bufs = [d.buffer(header[:8]), d.buffer(header[8:])] if split_header else [d.buffer(header)]
+        if out:
+            bufs.append(d.buffer(out))
+        data_in = d.buffer(in_len, write=True) if in_len else None
+        if data_in:
+            bufs.append(data_in)
+        status = d.buffer(1, write=True)
+        self.memory.write(status.gpa, b"\xff")
+        bufs.append(status)
+        if indirect:
+            head = self.queue.add_indirect(bufs, d.heap)
+        else:
+            head = self.queue.add_chain(bufs)
+        d.kick(0)
+        [(used_head, used_len)] = self.queue.take_used()
+        assert used_head == head
+        got = self.memory.read(data_in.gpa, in_len) if data_in else b""
+        return self.memory.read(status.gpa, 1)[0], got, used_len
+
+
+def config_u64(transport, offset):
+    return int.from_bytes(transport.read(0x100 + offset, 4) + transport.read(0x100 + offset + 4, 4), "little")
+
+
+def test_config_and_features(memory, image):
+    disk = Disk(memory, image)
+    assert config_u64(disk.transport, 0) == SECTORS
+    assert int.from_bytes(disk.transport.read(0x100 + 20, 4), "little") == 512  # blk_size
+    features = disk.driver.device_features()
+    assert features & block.VIRTIO_BLK_F_FLUSH and not features & block.VIRTIO_BLK_F_RO
+    assert features & block.VIRTIO_BLK_F_DISCARD and features & block.VIRTIO_BLK_F_WRITE_ZEROES
+
+
+def test_read(memory, image):
+    disk = Disk(memory, image)
+    status, data, used = disk.request(block.VIRTIO_BLK_T_IN, sector=1, in_len=1024)
+    assert status == block.VIRTIO_BLK_S_OK
+    assert data == image.read_bytes()[512:1536]
+    assert used == 1025
+    assert disk.irq.count == 1
+
+
+def test_write_then_read_back_indirect_and_split_header(memory, image):
+    disk = Disk(memory, image)
+    payload = os.urandom(2048)
+    status, _, used = disk.request(block.VIRTIO_BLK_T_OUT, sector=10, out=payload, split_header=True)
+    assert (status, used) == (block.VIRTIO_BLK_S_OK, 1)
+    assert image.read_bytes()[10 * 512:14 * 512] == payload
+    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=10, in_len=2048, indirect=True)
+    assert (status, data) == (block.VIRTIO_BLK_S_OK, payload)
+
+
+def test_flush_calls_fsync(memory, image, monkeypatch):
+    disk = Disk(memory, image)
+    synced = []
+    monkeypatch.setattr(block.os, "fsync", lambda fd: synced.append(fd))
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_FLUSH)
+    assert status == block.VIRTIO_BLK_S_OK and synced == [disk.device.fd]
+
+
+def test_get_id(memory, image):
+    disk = Disk(memory, image, drive_id="rootfs")
+    status, data, used = disk.request(block.VIRTIO_BLK_T_GET_ID, in_len=20)
+    assert status == block.VIRTIO_BLK_S_OK
+    assert data == b"rootfs".ljust(20, b"\0") and used == 21
+
+
+@pytest.mark.parametrize("sector,length", [(SECTORS, 512), (SECTORS - 1, 1024), (2**63, 512)])
+def test_out_of_range_is_ioerr(memory, image, sector, length):
+    disk = Disk(memory, image)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=sector, in_len=length)
+    assert status == block.VIRTIO_BLK_S_IOERR
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=sector, out=bytes(length))
+    assert status == block.VIRTIO_BLK_S_IOERR
+
+
+def test_unaligned_length_is_ioerr(memory, image):
+    disk = Disk(memory, image)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=100)
+    assert status == block.VIRTIO_BLK_S_IOERR
+
+
+def test_unsupported_type(memory, image):
+    disk = Disk(memory, image)
+    status, _, used = disk.request(99)
+    assert (status, used) == (block.VIRTIO_BLK_S_UNSUPP, 1)
+
+
+def test_read_only_drive(memory, image):
+    before = image.read_bytes()
+    disk = Disk(memory, image, read_only=True)
+    assert disk.driver.device_features() & block.VIRTIO_BLK_F_RO
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=0, out=bytes(512))
+    assert status == block.VIRTIO_BLK_S_IOERR
+    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=512)
+    assert status == block.VIRTIO_BLK_S_OK and data == before[:512]
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("rtype,flags", [(block.VIRTIO_BLK_T_DISCARD, 0),
+                                         (block.VIRTIO_BLK_T_WRITE_ZEROES, 0),
+                                         (block.VIRTIO_BLK_T_WRITE_ZEROES, 1)])
+def test_discard_and_write_zeroes(memory, image, rtype, flags):
+    disk = Disk(memory, image)
+    before = image.read_bytes()
+    segment = struct.pack("<QII", 8, 16, flags)
+    status, _, _ = disk.request(rtype, out=segment)
+    assert status == block.VIRTIO_BLK_S_OK
+    after = image.read_bytes()
+    assert len(after) == len(before)
+    assert after[:8 * 512] == before[:8 * 512] and after[24 * 512:] == before[24 * 512:]
+    if rtype == block.VIRTIO_BLK_T_WRITE_ZEROES or after[8 * 512:24 * 512] != before[8 * 512:24 * 512]:
+        assert after[8 * 512:24 * 512] == bytes(16 * 512)
+
+
+def test_discard_with_unmap_flag_is_unsupported(memory, image):
+    disk = Disk(memory, image)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_DISCARD, out=struct.pack("<QII", 0, 1, 1))
+    assert status == block.VIRTIO_BLK_S_UNSUPP
+
+
+def test_write_zeroes_fallback_writes_zero_bytes(memory, image, monkeypatch):
+    def no_fallocate(fd, mode, offset, length):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(block, "fallocate", no_fallocate)
+    disk = Disk(memory, image)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_WRITE_ZEROES, out=struct.pack("<QII", 2, 3, 0))
+    assert status == block.VIRTIO_BLK_S_OK
+    assert image.read_bytes()[1024:2560] == bytes(1536)
+
+
+def test_request_without_status_byte_needs_reset(memory, image):
+    disk = Disk(memory, image)
+    d = disk.driver
+    disk.queue.add_chain([d.buffer(struct.pack("<IIQ", block.VIRTIO_BLK_T_IN, 0, 0))])
+    d.kick(0)
+    assert disk.transport.status & mmio.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_short_header_needs_reset(memory, image):
+    disk = Disk(memory, image)
+    d = disk.driver
+    disk.queue.add_chain([d.buffer(b"\0" * 8), d.buffer(1, write=True)])
+    d.kick(0)
+    assert disk.transport.status & mmio.STATUS_DEVICE_NEEDS_RESET
+
+
+def test_missing_image_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError):
+        BlockDevice(str(tmp_path / "nope.img"))
+
+
+def test_batch_of_requests_one_kick(memory, image):
+    disk = Disk(memory, image, queue_size=16)
+    d = disk.driver
+    heads = []
+    for sector in range(5):  # 15 descriptors fit a 16-entry queue
+        header = d.buffer(struct.pack("<IIQ", block.VIRTIO_BLK_T_IN, 0, sector))
+        heads.append(disk.queue.add_chain([header, d.buffer(512, write=True), d.buffer(1, write=True)]))
+    d.kick(0)
+    assert [h for h, _ in disk.queue.take_used()] == heads
+    assert disk.irq.count == 1
