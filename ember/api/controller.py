@@ -35,6 +35,7 @@ APP_NAME = "Ember"
 FIRECRACKER_API_VERSION = "1.10.0"
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
 _NO_TEMPLATE = (None, "None")
+_STOP_WAIT_S = 5.0
 # Metrics groups Firecracker keeps at the top level; other machine counters go under "vmm".
 _TOP_LEVEL_GROUPS = {"uart", "block", "net", "vsock", "entropy", "balloon", "i8042", "rtc"}
 
@@ -57,14 +58,19 @@ MachineFactory = Callable[[cfg.VmConfig], Machine]
 
 
 def default_machine_factory(console: str = "stdio") -> MachineFactory:
-    """Build real microVMs (imported late: the API works without KVM)."""
+    """Build real microVMs. Call it on the main thread: importing ember.machine
+    installs the vCPU kick signal handler, which only the main thread may do."""
+    from ember.machine import MicroVM
 
     def build(config: cfg.VmConfig) -> Machine:
-        from ember.machine import MicroVM
-
         return MicroVM(config, console=console)
 
     return build
+
+
+def _lazy_machine_factory(config: cfg.VmConfig) -> Machine:
+    """The default when none is given: imports ember.machine on first start."""
+    return default_machine_factory()(config)
 
 
 def checked_id(resource_id: str | None) -> str:
@@ -105,7 +111,7 @@ class VmmController:
                  machine_factory: MachineFactory | None = None,
                  logs: LogSetup | None = None) -> None:
         self.instance_id = instance_id
-        self._factory = machine_factory or default_machine_factory()
+        self._factory = machine_factory or _lazy_machine_factory
         self._lock = threading.RLock()
         self._config = cfg.VmConfig()
         self._vm: Machine | None = None
@@ -296,8 +302,9 @@ class VmmController:
     def shutdown(self) -> None:
         """Stop the VM (if any) and close the logs and metrics targets."""
         vm = self._vm
-        if vm is not None:
+        if vm is not None and vm.state != "Exited":
             _stop_quietly(vm)
+            vm.wait(timeout=_STOP_WAIT_S)
         self.metrics.close()
 
     # ---- metrics ------------------------------------------------------------

@@ -24,7 +24,7 @@ from ember.api.logs import DEFAULT_INSTANCE_ID, LogSetup
 from ember.api.server import DEFAULT_MAX_PAYLOAD, ApiServer
 from ember.errors import ConfigError, EmberError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ember.api.firecracker_cli")  # not __main__ under -m
 
 DEFAULT_API_SOCK = "/run/firecracker.socket"
 EXIT_OK = 0

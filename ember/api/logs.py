@@ -132,8 +132,12 @@ class LogSetup:
         return handler.missed if isinstance(handler, TargetHandler) else 0
 
     def close(self) -> None:
+        """Remove the handler and give the ``ember`` logger back to the root's."""
+        logger = logging.getLogger(ROOT_LOGGER)
         with self._lock:
             if self._handler is not None:
-                logging.getLogger(ROOT_LOGGER).removeHandler(self._handler)
+                logger.removeHandler(self._handler)
                 self._handler.close()
                 self._handler = None
+                logger.setLevel(logging.NOTSET)
+                logger.propagate = True

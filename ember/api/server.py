@@ -29,6 +29,7 @@ DEFAULT_MAX_PAYLOAD = 51200
 SERVER_NAME = "Ember API"
 _CONNECTION_TIMEOUT_S = 300
 _POLL_INTERVAL_S = 0.05
+_API_THREAD = "fc_api"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -124,10 +125,14 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         except OSError as err:
             raise EmberError(f"Failed to open the API socket at: {path}: {err.strerror}") from None
 
+    def process_request_thread(self, request, client_address) -> None:
+        threading.current_thread().name = _API_THREAD  # log lines name it like Firecracker
+        super().process_request_thread(request, client_address)
+
     def start(self) -> None:
         """Serve in a background thread (named like Firecracker's ``fc_api``)."""
         self._thread = threading.Thread(target=self.serve_forever, args=(_POLL_INTERVAL_S,),
-                                        name="fc_api", daemon=True)
+                                        name=_API_THREAD, daemon=True)
         self._thread.start()
         log.info("API server listening on %s", self.path)
 

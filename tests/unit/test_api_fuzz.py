@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import json
 
-import jsonschema_rs
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, given, settings
-from schemathesis import GenerationMode
 
-from ember.api.openapi import load_spec
-from test_api_support import ApiClient, FakeMachine, serving
+schemathesis = pytest.importorskip("schemathesis", reason="API fuzzing needs schemathesis (test extra)")
+jsonschema_rs = pytest.importorskip("jsonschema_rs", reason="comes with schemathesis")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from schemathesis import GenerationMode  # noqa: E402
+
+from ember.api.openapi import load_spec  # noqa: E402
+from test_api_support import FakeMachine, serving  # noqa: E402
 
 MAX_EXAMPLES = 50
 DEADLINE_MS = 2000

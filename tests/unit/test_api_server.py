@@ -208,7 +208,7 @@ def test_lifecycle_and_wrong_state_calls(api, files):
     assert client.call("PATCH", "/vm", {"state": "Paused"}) == (204, None)
     assert client.call("GET", "/")[1]["state"] == "Paused"
     assert "cannot pause" in fault(client, "PATCH", "/vm", {"state": "Paused"})
-    assert "unknown field" not in fault(client, "PATCH", "/vm", {"state": "Stopped"})
+    assert "Invalid enum value 'Stopped'" in fault(client, "PATCH", "/vm", {"state": "Stopped"})
     assert client.call("PATCH", "/vm", {"state": "Resumed"}) == (204, None)
     assert vm.calls == ["start", "pause", "resume"]
     assert client.call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}) == (204, None)
@@ -299,7 +299,9 @@ def test_keep_alive_and_raw_http(api):
     sock.settimeout(5)
     sock.connect(client.conn.unix_path)
     sock.sendall(b"GARBAGE\r\n\r\n")
-    reply = sock.recv(4096)
+    reply = b""
+    while chunk := sock.recv(4096):  # the server closes after a malformed request
+        reply += chunk
     assert reply.startswith(b"HTTP/1.") and b" 400 " in reply and b"fault_message" in reply
     sock.close()
 

@@ -122,3 +122,9 @@ def test_missing_tool_names_the_package():
 def test_unknown_artifact_name():
     with pytest.raises(EmberError, match="unknown image"):
         artifact_path("floppy", build=False)  # type: ignore[arg-type]
+
+
+def test_interactive_progress_build(fresh_cache, capsys):
+    paths = build_rootfs(progress=True)
+    assert paths["rootfs"].is_file()
+    assert "rootfs" in capsys.readouterr().err

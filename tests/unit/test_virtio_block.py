@@ -4,6 +4,8 @@ import os
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ember.devices.virtio import block, mmio
 from ember.devices.virtio.block import BlockDevice
@@ -221,3 +223,18 @@ def test_batch_of_requests_one_kick(memory, image):
     d.kick(0)
     assert [h for h, _ in disk.queue.take_used()] == heads
     assert disk.irq.count == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rtype=st.one_of(st.sampled_from([0, 1, 4, 8, 11, 13]), st.integers(0, 2**32 - 1)),
+       sector=st.one_of(st.integers(0, SECTORS + 2), st.integers(0, 2**64 - 1)),
+       out=st.binary(max_size=1100), in_len=st.integers(0, 1100), read_only=st.booleans())
+def test_fuzz_requests_always_get_a_status(memory, image, rtype, sector, out, in_len, read_only):
+    size = image.stat().st_size
+    disk = Disk(memory, image, read_only=read_only)
+    status, _, used = disk.request(rtype, sector, out, in_len)
+    assert status in (block.VIRTIO_BLK_S_OK, block.VIRTIO_BLK_S_IOERR, block.VIRTIO_BLK_S_UNSUPP)
+    assert 1 <= used <= in_len + 1
+    assert not disk.transport.status & mmio.STATUS_DEVICE_NEEDS_RESET
+    assert image.stat().st_size == size
+    disk.transport.close()

@@ -8,7 +8,6 @@ that breaks the protocol gets DEVICE_NEEDS_RESET (2.1.2), never an exception.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 
 import msgspec

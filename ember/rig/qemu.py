@@ -1,0 +1,184 @@
+"""Running one command in the rig: QEMU (TCG, emulated AMD-V) booting the L1 kernel.
+
+Builds the qemu-system-x86_64 command line (microvm machine, PVH entry of the
+ELF vmlinux, virtio-mmio 9p shares for the host root, control and out dirs,
+virtio-serial ports for the command's stdout/stderr; see QEMU's docs/system
+i386/microvm.rst and the 9p "local" fsdev), streams output, enforces the limit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from ember.errors import EmberError
+
+log = logging.getLogger(__name__)
+
+QEMU = "qemu-system-x86_64"
+MACHINE = "microvm,acpi=on"
+# EPYC carries SVM and NPT, which TCG emulates (nested paging for the L2
+# guests); the features TCG lacks are turned off so QEMU does not warn.
+TCG_MISSING = ("rdseed", "sha-ni", "fxsr-opt", "misalignsse", "3dnowprefetch", "osvw", "topoext",
+               "perfctr-core", "clzero", "xsaveerptr", "ibpb", "nrip-save", "xsavec", "xsaves")
+CPU_MODEL = ",".join(["EPYC", *(f"-{flag}" for flag in TCG_MISSING)])
+DEFAULT_TSC_KHZ = 2_000_000
+KERNEL_ARGS = ("console=ttyS0", "quiet", "loglevel=4", "panic=-1", "mitigations=off",
+               "tsc=reliable", "cryptomgr.notests", "random.trust_cpu=on", "kvm_amd.npt=1")
+TIMEOUT_STATUS = 124
+READ_CHUNK = 65536
+CONSOLE_TAIL_LINES = 20
+
+
+@dataclass
+class RigRun:
+    """Everything one rig boot needs."""
+
+    vmlinux: Path
+    initrd: Path
+    run_dir: Path
+    out_dir: Path | None = None
+    memory_mib: int = 4096
+    cpus: int = 2
+    extra_kernel_args: list[str] = field(default_factory=list)
+
+    @property
+    def ctl_dir(self) -> Path:
+        return self.run_dir / "ctl"
+
+    @property
+    def console_log(self) -> Path:
+        return self.run_dir / "console.log"
+
+
+def qemu_escape(value: str) -> str:
+    """QEMU option values double their commas."""
+    return value.replace(",", ",,")
+
+
+def host_tsc_khz(cpuinfo: str) -> int:
+    """TCG's TSC ticks at the host's rate; 'cpu MHz' from /proc/cpuinfo gives it."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
+                return int(float(value) * 1000)
+            except ValueError:
+                break
+    return DEFAULT_TSC_KHZ
+
+
+def _share(tag: str, path: Path, readonly: bool) -> list[str]:
+    opts = f"local,id={tag},path={qemu_escape(str(path))},security_model=none,multidevs=remap"
+    if readonly:
+        opts += ",readonly=on"
+    return ["-fsdev", opts, "-device", f"virtio-9p-device,fsdev={tag},mount_tag={tag}"]
+
+
+def _port(name: str, fd: int) -> list[str]:
+    chardev = name.replace(".", "_")
+    return ["-chardev", f"file,id={chardev},path=/dev/fd/{fd}",
+            "-device", f"virtserialport,chardev={chardev},name={name}"]
+
+
+def qemu_argv(run: RigRun, stdout_fd: int, stderr_fd: int, tsc_khz: int) -> list[str]:
+    """The full QEMU command line for ``run``."""
+    append = " ".join([*KERNEL_ARGS, f"tsc_early_khz={tsc_khz}", *run.extra_kernel_args])
+    argv = [
+        QEMU, "-M", MACHINE, "-accel", "tcg,thread=multi", "-cpu", CPU_MODEL,
+        "-smp", str(run.cpus), "-m", str(run.memory_mib),
+        "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot",
+        "-kernel", str(run.vmlinux), "-initrd", str(run.initrd), "-append", append,
+        "-serial", f"file:{run.console_log}",
+        *_share("hostroot", Path("/"), readonly=True),
+        *_share("ctl", run.ctl_dir, readonly=False),
+    ]
+    if run.out_dir is not None:
+        argv += _share("out", run.out_dir, readonly=False)
+    argv += ["-device", "virtio-serial-device", *_port("ember.stdout", stdout_fd), *_port("ember.stderr", stderr_fd)]
+    return argv
+
+
+def _pump(source: int, sink: TextIO) -> None:
+    """Copy a pipe to ``sink`` as data arrives."""
+    buffer: BinaryIO | None = getattr(sink, "buffer", None)
+    with os.fdopen(source, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(READ_CHUNK):
+            if buffer is not None:
+                sink.flush()
+                buffer.write(chunk)
+                buffer.flush()
+            else:
+                sink.write(chunk.decode(errors="replace"))
+                sink.flush()
+
+
+def read_status(run: RigRun) -> int | None:
+    """The command's exit status as the rig's init wrote it, or None."""
+    try:
+        text = (run.ctl_dir / "status").read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def console_tail(run: RigRun) -> str:
+    try:
+        lines = run.console_log.read_text(errors="replace").splitlines()
+    except FileNotFoundError:
+        return "(no console output)"
+    return "\n".join(lines[-CONSOLE_TAIL_LINES:]) or "(no console output)"
+
+
+def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO) -> int:
+    """Boot the rig, stream the command's output, return its exit status (124 on timeout)."""
+    if shutil.which(QEMU) is None:
+        raise EmberError(f"the rig needs {QEMU} (apt-get install qemu-system-x86)")
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    tsc = host_tsc_khz(Path("/proc/cpuinfo").read_text())
+    argv = qemu_argv(run, out_w, err_w, tsc)
+    log.debug("rig: %s", " ".join(argv))
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, pass_fds=(out_w, err_w))
+    os.close(out_w)
+    os.close(err_w)
+    pumps = [threading.Thread(target=_pump, args=a, daemon=True)
+             for a in ((out_r, stdout), (err_r, stderr), (os.dup(proc.stderr.fileno()), stderr))]
+    proc.stderr.close()
+    for pump in pumps:
+        pump.start()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        for pump in pumps:
+            pump.join(timeout=5)
+        stderr.write(f"ember rig: the command did not finish within {timeout:g} s; the rig was stopped\n")
+        stderr.flush()
+        return TIMEOUT_STATUS
+    for pump in pumps:
+        pump.join(timeout=5)
+    log.info("rig run took %.1f s", time.monotonic() - started)
+    status = read_status(run)
+    if status is None:
+        raise EmberError(f"the rig stopped (qemu exit {proc.returncode}) without the command's exit status; "
+                         f"console tail:\n{console_tail(run)}")
+    return status
+
+
+def make_run_dir() -> Path:
+    run_dir = Path(tempfile.mkdtemp(prefix="ember-rig-"))
+    (run_dir / "ctl").mkdir()
+    return run_dir
