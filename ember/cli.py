@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["firecracker"]:
         from ember.api.firecracker_cli import main as firecracker_main
-        return firecracker_main(argv[1:])
+        return firecracker_main(argv[1:], prog="ember firecracker")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="ember: %(message)s")
     try:
@@ -164,6 +164,7 @@ def run_config(args: argparse.Namespace, command: list[str]):
         boot_source=cfg.BootSource(kernel_image_path=kernel, initrd_path=initrd, boot_args=boot_args),
         machine_config=cfg.MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem),
         drives=drives,
+        entropy=cfg.Entropy(),
     )
     cfg.validate(config)
     return config

@@ -23,6 +23,9 @@ from ember.devices.bus import Bus
 from ember.devices.legacy.boot_timer import BootTimer
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial
+from ember.devices.virtio.block import BlockDevice
+from ember.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport, cmdline_param
+from ember.devices.virtio.rng import RngDevice
 from ember.errors import EmberError
 from ember.eventloop import EventLoop
 from ember.exitstats import ExitStats
@@ -40,6 +43,33 @@ COM2_PORT, COM2_IRQ = 0x2F8, 3
 SERIAL_PORTS = 8
 I8042_PORT, I8042_PORTS = 0x60, 5
 POST_PORT = 0x80  # Linux's io_delay port: a write-only sink
+FIRST_VIRTIO_IRQ = 5
+
+
+class QueueNotifier:
+    """An ioeventfd on a queue's QueueNotify write, served on the event loop."""
+
+    def __init__(self, vm, loop: EventLoop, transport, address: int, queue: int) -> None:
+        self._vm, self._loop, self._address, self._queue = vm, loop, address, queue
+        self._transport = transport
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        vm.register_ioeventfd(self.fd, address, 4, datamatch=queue)
+        loop.add_reader(self.fd, self._fired)
+
+    def _fired(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except BlockingIOError:
+            return
+        self._transport.notify(self._queue)
+
+    def close(self) -> None:
+        self._loop.remove_reader(self.fd)
+        try:
+            self._vm.unregister_ioeventfd(self.fd, self._address, 4, datamatch=self._queue)
+        except Exception:
+            pass
+        os.close(self.fd)
 
 
 class _Sink:
@@ -85,6 +115,7 @@ class MicroVM:
         self._closers: list = []
         self.boot_time_ns: int | None = None
         self.exit_stats = ExitStats()
+        self.virtio_devices: dict = {}
 
     # ---- building -------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +151,7 @@ class MicroVM:
         self._closers.append(self.events)
         self.pio_bus, self.mmio_bus = Bus(), Bus()
         self._build_legacy_devices()
+        self._build_virtio_devices()
         cmdline = self._cmdline()
         boot = self.config.boot_source
         self.boot = x86_boot.load_guest(
@@ -162,6 +194,32 @@ class MicroVM:
             self.agent_bridge = AgentBridge(self._agent_socket, self.events, self.agent_serial.enqueue_input)
             self._closers.append(self.agent_bridge)
 
+    def _build_virtio_devices(self) -> None:
+        self._virtio_params: list[str] = []
+        drives = sorted(self.config.drives, key=lambda d: not d.is_root_device)  # the root drive is vda
+        for drive in drives:
+            device = BlockDevice(drive.path_on_host, read_only=drive.is_read_only, drive_id=drive.drive_id)
+            self.add_virtio_device(device, f"block:{drive.drive_id}")
+        if self.config.entropy is not None:
+            self.add_virtio_device(RngDevice(), "rng")
+
+    def add_virtio_device(self, device, name: str) -> VirtioMmioTransport:
+        """Put a virtio device behind the next virtio-mmio window, IRQ and ioeventfds."""
+        index = len(self._virtio_params)
+        base, size = layout.virtio_mmio_window(index)
+        gsi = FIRST_VIRTIO_IRQ + index
+        if gsi > layout.IRQ_MAX:
+            raise EmberError(f"too many virtio devices: at most {layout.IRQ_MAX - FIRST_VIRTIO_IRQ + 1}")
+        transport = VirtioMmioTransport(device, self.memory, self._irq(gsi))
+        self._closers.append(transport)
+        self.mmio_bus.register(base, size, transport, name=name)
+        for queue in range(transport.num_queues):
+            notifier = QueueNotifier(self.vm, self.events, transport, base + REG_QUEUE_NOTIFY, queue)
+            self._closers.append(notifier)
+        self._virtio_params.append(cmdline_param(base, size, gsi))
+        self.virtio_devices[name] = transport
+        return transport
+
     def _agent_output(self, data: bytes) -> None:
         bridge = getattr(self, "agent_bridge", None)
         if bridge is not None:
@@ -173,7 +231,8 @@ class MicroVM:
 
     def _cmdline(self) -> str:
         args = self.config.boot_source.boot_args
-        return cfg.DEFAULT_BOOT_ARGS if args is None else args
+        args = cfg.DEFAULT_BOOT_ARGS if args is None else args
+        return " ".join([args, *self._virtio_params])
 
     # ---- running --------------------------------------------------------
     def _vcpu_main(self, loop: VcpuLoop) -> None:

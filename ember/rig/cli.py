@@ -35,12 +35,12 @@ def rig_command(args: argparse.Namespace) -> int:
 
 
 def host_check_command(args: argparse.Namespace | None = None) -> int:
-    """Print what the local KVM offers; exit 0 when stock Linux guests can boot here."""
+    """Print what the local KVM offers (always exit 0: it is a report)."""
     verdict = host_kvm()
     print(f"kvm: {verdict.kind}")
     print(f"detail: {verdict.detail}")
     print(f"boots standard Linux guests: {'yes' if verdict.can_boot_linux else 'no (system tests use the rig)'}")
-    return 0 if verdict.can_boot_linux else 1
+    return 0
 
 
 def rig_main(argv: list[str] | None = None) -> int:

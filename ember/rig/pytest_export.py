@@ -1,0 +1,73 @@
+"""A pytest plugin that writes each test's result to a JSON file.
+
+Loaded inside the rig (``-p ember.rig.pytest_export --ember-results=PATH``)
+so the host can report the rig's results as its own pytest results; uses
+pytest's reporting hooks (pytest_runtest_logreport, pytest_collectreport).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+RESULTS_OPTION = "--ember-results"
+PHASES = ("setup", "call", "teardown")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(RESULTS_OPTION, default=None, help="write per-test results as JSON to this path")
+
+
+def _reason(report: pytest.TestReport) -> str:
+    """A skip's reason from its (path, line, 'Skipped: why') longrepr."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr or "")
+
+
+class ResultExport:
+    """Folds the setup/call/teardown reports of each test into one result."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def _entry(self, nodeid: str) -> dict[str, Any]:
+        return self.results.setdefault(nodeid, {"outcome": "passed", "longrepr": "", "reason": "", "duration": 0.0})
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        entry = self._entry(report.nodeid)
+        entry["duration"] += report.duration
+        wasxfail = getattr(report, "wasxfail", None)
+        if wasxfail is not None and report.when == "call":
+            entry.update(outcome="xfailed" if report.skipped else "xpassed", reason=str(wasxfail))
+        elif report.failed:
+            outcome = "failed" if report.when == "call" else "error"
+            if entry["outcome"] not in ("failed", "error"):
+                entry["outcome"] = outcome
+            entry["longrepr"] += f"[{report.when}] {report.longreprtext}\n"
+        elif report.skipped and entry["outcome"] == "passed":
+            entry.update(outcome="skipped", reason=_reason(report))
+
+    @pytest.hookimpl
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        if report.failed:
+            self.results[report.nodeid] = {"outcome": "error", "longrepr": report.longreprtext,
+                                           "reason": "", "duration": 0.0}
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.path)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    target = config.getoption(RESULTS_OPTION)
+    if target:
+        config.pluginmanager.register(ResultExport(Path(target)), "ember-result-export")
