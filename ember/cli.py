@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ember", description="A microVM monitor for Linux KVM, in Python.")
     parser.add_argument("--version", action="version", version=f"ember {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="subcommand", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="boot a microVM (the default guest when no --kernel is given)")
     run.add_argument("--kernel", help="guest kernel: ELF vmlinux or bzImage")
@@ -63,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     path.add_argument("artifact", choices=["kernel", "vmlinux", "initrd", "rootfs"])
 
     rig = sub.add_parser("rig", help="run a command inside the rig (emulated host with AMD-V)")
-    rig.add_argument("--timeout", type=float, default=600.0, metavar="S")
-    rig.add_argument("--out", metavar="DIR", help="host directory whose writes come back")
-    rig.add_argument("rig_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
+    from ember.rig.cli import add_rig_arguments
+
+    add_rig_arguments(rig)
 
     sub.add_parser("host-check", help="report what the local KVM offers")
     sub.add_parser("firecracker", help="Firecracker-compatible VMM process (see --help)", add_help=False)
@@ -89,20 +89,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.command == "run":
+    if args.subcommand == "run":
         return cmd_run(args, argv)
-    if args.command == "exec":
+    if args.subcommand == "exec":
         from ember.agent import run_command
         return run_command(args.agent_sock, _strip_dashes(args.guest_command), timeout=args.timeout)
-    if args.command == "images":
+    if args.subcommand == "images":
         return cmd_images(args)
-    if args.command == "rig":
-        from ember.rig.cli import run_rig
-        return run_rig(args)
-    if args.command == "host-check":
-        from ember.rig.cli import host_check
-        return host_check(args)
-    raise EmberError(f"unknown command {args.command}")
+    if args.subcommand == "rig":
+        from ember.rig.cli import rig_command
+        return rig_command(args)
+    if args.subcommand == "host-check":
+        from ember.rig.cli import host_check_command
+        return host_check_command(args)
+    raise EmberError(f"unknown command {args.subcommand}")
 
 
 def cmd_images(args: argparse.Namespace) -> int:

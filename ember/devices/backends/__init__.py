@@ -1,0 +1,1 @@
+"""Host-side backends that devices move guest data through (TAP network devices)."""

@@ -1,0 +1,169 @@
+"""Ember's test tiers for pytest: markers by directory, and the system tier in the rig.
+
+tests/kvm gets ``kvm`` (skipped, with the reason, without /dev/kvm); tests/system
+and tests/rig get ``system``. Where stock Linux cannot boot on the local KVM,
+every selected tests/system test runs in ONE rig boot and each host-side item
+reports the rig's outcome for its node id (results via ember.rig.pytest_export).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ember.errors import EmberError
+
+TIER_DIRS = {"kvm": "kvm", "system": "system", "rig": "system"}
+RIG_SHIPPED_DIR = "system"
+MODE_ENV = "EMBER_SYSTEM"
+RIG_TIMEOUT_ENV = "EMBER_RIG_TIMEOUT"
+DEFAULT_RIG_TIMEOUT = 3600.0
+RESULTS_NAME = "rig-results.json"
+_RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
+_PREPARE_KEY = pytest.StashKey[Callable[[], None]]()
+
+
+def tier_of(path: Path, tests_root: Path) -> tuple[str | None, str | None]:
+    """(marker, top directory) of a test file below ``tests_root``."""
+    try:
+        top = path.relative_to(tests_root).parts[0]
+    except (ValueError, IndexError):
+        return None, None
+    return TIER_DIRS.get(top), top
+
+
+def system_mode() -> tuple[str, str]:
+    """('direct'|'rig'|'skip', why) for the system tier on this host."""
+    forced = os.environ.get(MODE_ENV, "").strip()
+    if forced in ("direct", "rig", "skip"):
+        return forced, f"{MODE_ENV}={forced}"
+    if forced:
+        return "skip", f"{MODE_ENV}={forced!r} is not one of direct, rig, skip"
+    if os.environ.get("EMBER_IN_RIG") == "1":
+        return "direct", "running inside the rig"
+    from ember.rig import is_available
+    from ember.rig.hostcheck import host_kvm
+
+    verdict = host_kvm()
+    if verdict.can_boot_linux:
+        return "direct", verdict.detail
+    if is_available():
+        return "rig", f"{verdict.detail}: system tests run inside the rig"
+    return "skip", f"{verdict.detail}, and the rig is unavailable (needs qemu-system-x86, busybox-static)"
+
+
+class RigResultItem(pytest.Item):
+    """A host-side stand-in that reports one system test's outcome from the rig."""
+
+    def runtest(self) -> None:
+        results = rig_results(self.session)
+        entry = results.get(self.nodeid)
+        if entry is None:
+            raise RigFailure(results.get("__rig__", {}).get("longrepr") or "did not run in the rig")
+        outcome = entry["outcome"]
+        if outcome == "skipped":
+            pytest.skip(f"in the rig: {entry['reason']}")
+        if outcome == "xfailed":
+            pytest.xfail(entry["reason"])
+        if outcome in ("failed", "error"):
+            raise RigFailure(f"{outcome} in the rig:\n{entry['longrepr']}")
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RigFailure):
+            return str(excinfo.value)
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Path, int | None, str]:
+        return self.path, None, f"{self.name} (in the rig)"
+
+
+class RigFailure(Exception):
+    """A system test that failed (or never ran) inside the rig."""
+
+
+def _stand_in(item: pytest.Item) -> RigResultItem:
+    twin = RigResultItem.from_parent(item.parent, name=item.name)
+    for marker in item.iter_markers():
+        twin.add_marker(marker)
+    return twin
+
+
+def _skip_all(items: list[pytest.Item], reason: str) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def modify_items(config: pytest.Config, items: list[pytest.Item], tests_root: Path,
+                 prepare: Callable[[], None] | None = None) -> None:
+    """Mark tiers by directory and route the system tier (call from pytest_collection_modifyitems)."""
+    in_rig = os.environ.get("EMBER_IN_RIG") == "1"
+    kvm_ok = os.path.exists("/dev/kvm")
+    mode, why = system_mode()
+    shipped: list[int] = []
+    for index, item in enumerate(items):
+        marker, top = tier_of(Path(item.path), tests_root)
+        if marker:
+            item.add_marker(getattr(pytest.mark, marker))
+        if marker == "kvm" and not kvm_ok:
+            item.add_marker(pytest.mark.skip(reason="tier kvm needs /dev/kvm, which this host lacks"))
+        elif top == "rig" and (in_rig or mode == "skip" or not _rig_available()):
+            item.add_marker(pytest.mark.skip(reason="tests of the rig run on the host only, with qemu"
+                                             if not in_rig else "tests of the rig do not run inside the rig"))
+        elif top == RIG_SHIPPED_DIR and mode == "skip":
+            item.add_marker(pytest.mark.skip(reason=f"system tier skipped: {why}"))
+        elif top == RIG_SHIPPED_DIR and mode == "rig":
+            shipped.append(index)
+    for index in shipped:
+        items[index] = _stand_in(items[index])
+    if prepare is not None:
+        config.stash[_PREPARE_KEY] = prepare
+
+
+def _rig_available() -> bool:
+    from ember.rig import is_available
+
+    return is_available()
+
+
+def rig_results(session: pytest.Session) -> dict[str, Any]:
+    """Run all stand-in tests' real versions in one rig boot (once) and load their results."""
+    config = session.config
+    if _RESULTS_KEY not in config.stash:
+        nodeids = [item.nodeid for item in session.items if isinstance(item, RigResultItem)]
+        config.stash[_RESULTS_KEY] = _run_in_rig(config, nodeids)
+    return config.stash[_RESULTS_KEY]
+
+
+def rig_pytest_argv(nodeids: list[str], results: Path) -> list[str]:
+    """The pytest command the rig runs: the real system tests plus the result export."""
+    return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "ember.rig.pytest_export",
+            f"--ember-results={results}", "-o", "console_output_style=classic", *nodeids]
+
+
+def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
+    from ember.rig import run
+
+    out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
+    results = out_dir / RESULTS_NAME
+    capman = config.pluginmanager.getplugin("capturemanager")
+    timeout = float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
+    try:
+        with capman.global_and_fixture_disabled():
+            sys.stdout.write(f"\nember: running {len(nodeids)} system test(s) in one rig boot\n")
+            sys.stdout.flush()
+            prepare = config.stash.get(_PREPARE_KEY, None)
+            if prepare is not None:
+                prepare()
+            status = run(rig_pytest_argv(nodeids, results), cwd=config.rootpath, timeout=timeout, out_dir=out_dir)
+    except EmberError as exc:
+        return {"__rig__": {"longrepr": f"the rig failed: {exc}"}}
+    if not results.exists():
+        return {"__rig__": {"longrepr": f"the rig's pytest wrote no results (exit status {status})"}}
+    return json.loads(results.read_text())
