@@ -113,7 +113,8 @@ def _connect(path: str, deadline: float) -> socket.socket:
 def _collect_reply(conn: socket.socket, request_id: int, deadline: float) -> tuple[bytes, bytes, int]:
     from ember.images import agent_protocol as proto
 
-    out, err, buffer = b"", b"", b""
+    collector = proto.ExecCollector(request_id)
+    buffer = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -128,16 +129,14 @@ def _collect_reply(conn: socket.socket, request_id: int, deadline: float) -> tup
         buffer += chunk
         while b"\n" in buffer:
             line, buffer = buffer.split(b"\n", 1)
-            reply = proto.parse_reply(line)
-            if reply is None or reply[1] != request_id:
+            try:
+                reply = proto.parse_reply(line)
+            except proto.AgentProtocolError:
+                log.debug("ignoring agent line %r", line[:80])
                 continue
-            kind, _, payload = reply
-            if kind == "OUT":
-                out = payload
-            elif kind == "ERR":
-                err = payload
-            elif kind == "RC":
-                return out, err, int(payload)
+            result = collector.feed(reply)
+            if result is not None:
+                return result.stdout, result.stderr, result.status
 
 
 def run_command(sock_path: str, command: list[str], *, timeout: float = 60.0) -> int:

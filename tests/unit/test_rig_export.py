@@ -1,0 +1,62 @@
+"""The rig's result export plugin, run on a small synthetic test file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from ember.rig.pytest_tiers import rig_pytest_argv, tier_of
+
+SAMPLE = textwrap.dedent("""\
+    import pytest
+
+    def test_ok():
+        pass
+
+    def test_bad():
+        assert 1 == 2, "one is not two"
+
+    @pytest.mark.skip(reason="not today")
+    def test_skipped():
+        pass
+
+    @pytest.mark.xfail(reason="known")
+    def test_xfail():
+        assert False
+
+    @pytest.fixture
+    def broken():
+        raise RuntimeError("fixture broke")
+
+    def test_setup_error(broken):
+        pass
+""")
+
+
+def test_export_writes_one_result_per_test(tmp_path: Path) -> None:
+    (tmp_path / "test_sample.py").write_text(SAMPLE)
+    results = tmp_path / "out" / "results.json"
+    results.parent.mkdir()
+    argv = rig_pytest_argv(["test_sample.py"], results)
+    assert argv[0] == sys.executable
+    done = subprocess.run([*argv, "-q", "-p", "no:randomly"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    got = json.loads(results.read_text())
+    outcome = {nodeid.split("::")[1]: entry["outcome"] for nodeid, entry in got.items()}
+    assert outcome == {"test_ok": "passed", "test_bad": "failed", "test_skipped": "skipped",
+                       "test_xfail": "xfailed", "test_setup_error": "error"}
+    assert "one is not two" in got["test_sample.py::test_bad"]["longrepr"]
+    assert got["test_sample.py::test_skipped"]["reason"] == "not today"
+    assert "fixture broke" in got["test_sample.py::test_setup_error"]["longrepr"]
+
+
+def test_tiers_follow_directories(tmp_path: Path) -> None:
+    root = tmp_path / "tests"
+    assert tier_of(root / "kvm" / "test_a.py", root) == ("kvm", "kvm")
+    assert tier_of(root / "system" / "test_b.py", root) == ("system", "system")
+    assert tier_of(root / "rig" / "test_c.py", root) == ("system", "rig")
+    assert tier_of(root / "unit" / "test_d.py", root) == (None, "unit")
+    assert tier_of(tmp_path / "elsewhere.py", root) == (None, None)
