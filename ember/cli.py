@@ -21,6 +21,7 @@ STARTED_NS = time.monotonic_ns()
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130
+SUMMARY_ROWS = 8
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,6 +125,9 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
         host = host_kvm()
         if not host.can_boot_linux:
+            from ember.machine import preflight
+
+            preflight(config)
             return _run_in_rig(host.detail, config, args, command)
     return boot(config, args)
 
@@ -136,6 +140,7 @@ def run_config(args: argparse.Namespace, command: list[str]):
         raise EmberError(f"--vcpus must be between 1 and {cfg.MAX_VCPUS}")
     if args.mem < cfg.MIN_MEM_MIB:
         raise EmberError(f"--mem must be at least {cfg.MIN_MEM_MIB} MiB")
+    check_console_spec(args.console)
     kernel, initrd = args.kernel, args.initrd
     if kernel is None:
         from ember import images
@@ -168,6 +173,11 @@ def run_config(args: argparse.Namespace, command: list[str]):
     )
     cfg.validate(config)
     return config
+
+
+def check_console_spec(spec: str) -> None:
+    if spec not in ("stdio", "none") and not (spec.startswith("file:") and len(spec) > 5):
+        raise EmberError(f"invalid console {spec!r}: expected stdio, none or file:PATH")
 
 
 def boot(config, args: argparse.Namespace) -> int:
@@ -228,6 +238,13 @@ def _print_summary(vm, info) -> None:
     for reason, stat in metrics["exits"]["by_reason"].items():
         mean = stat["total_ns"] / stat["count"] / 1000 if stat["count"] else 0
         table.add_row(reason, str(stat["count"]), f"{mean:.1f}")
+    console.print(table)
+    by_device = sorted(metrics["exits"]["by_device"].items(), key=lambda kv: -kv[1]["total_ns"])
+    table = Table(title="PIO/MMIO exits by address (most time first)")
+    for col in ("address", "count", "total ms in Ember"):
+        table.add_column(col, justify="right" if col != "address" else "left")
+    for target, stat in by_device[:SUMMARY_ROWS]:
+        table.add_row(target, str(stat["count"]), f"{stat['total_ns'] / 1e6:.1f}")
     console.print(table)
 
 

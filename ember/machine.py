@@ -91,6 +91,24 @@ def _install_kick_handler() -> None:
 _install_kick_handler()
 
 
+def preflight(config: cfg.VmConfig) -> None:
+    """Load kernel and initrd into throwaway guest memory: bad images fail here, without KVM.
+
+    The CLI runs this before handing a boot to the rig, so a corrupt kernel or
+    too little memory is a one-line error at once, not after the rig booted.
+    """
+    cfg.validate(config)
+    mc = config.machine_config
+    memory = GuestMemory(layout.ram_regions(mc.mem_size_mib << 20))
+    try:
+        boot = config.boot_source
+        x86_boot.load_guest(memory, kernel_path=boot.kernel_image_path, initrd_path=boot.initrd_path,
+                            cmdline=boot.boot_args or cfg.DEFAULT_BOOT_ARGS,
+                            mem_size=mc.mem_size_mib << 20, vcpu_count=mc.vcpu_count)
+    finally:
+        memory.close()
+
+
 class MicroVM:
     """One microVM. ``start()`` boots it; ``wait()`` returns how it ended."""
 
