@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ember.errors import EmberError
-from ember.rig.command import command_script, init_settings, rig_environment
+from ember.rig.command import command_script, init_settings, rig_environment, snapshot_table
 from ember.rig.qemu import QEMU, TIMEOUT_STATUS, RigRun, boot, make_run_dir
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = 1800.0
 DEFAULT_MEMORY_MIB = 4096
 DEFAULT_CPUS = 2
+KEEP_ENV = "EMBER_RIG_KEEP"
 REQUIRED_TOOLS = {QEMU: "qemu-system-x86", "apt-cache": "apt", "apt-get": "apt",
                   "dpkg-deb": "dpkg", "depmod": "kmod"}
 
@@ -69,14 +70,20 @@ def run(argv: list[str], *, cwd: str | os.PathLike[str] | None = None, timeout: 
     out = Path(out_dir).resolve() if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    rig = RigRun(vmlinux, initrd, make_run_dir(), out, memory_mib, cpus)
+    from ember.rig.trees import snapshots
+
+    rig = RigRun(vmlinux, initrd, make_run_dir(), out, memory_mib, cpus, snapshots=snapshots())
     script = command_script(list(argv), work_dir, rig_environment(os.environ, env))
     (rig.ctl_dir / "command.sh").write_text(script)
     (rig.ctl_dir / "rig.env").write_text(init_settings(str(out) if out else None))
+    (rig.ctl_dir / "trees").write_text(snapshot_table([str(tree) for tree, _image in rig.snapshots]))
     try:
         status = boot(rig, timeout, sys.stdout, sys.stderr)
     except EmberError:
         log.error("rig files kept in %s", rig.run_dir)
         raise
-    shutil.rmtree(rig.run_dir, ignore_errors=True)
+    if os.environ.get(KEEP_ENV):
+        log.warning("rig files kept in %s (%s is set)", rig.run_dir, KEEP_ENV)
+    else:
+        shutil.rmtree(rig.run_dir, ignore_errors=True)
     return status

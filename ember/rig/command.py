@@ -47,3 +47,10 @@ def command_script(argv: list[str], cwd: str, env: Mapping[str, str]) -> str:
 def init_settings(out_dir: str | None) -> str:
     """Shell assignments the rig's init sources before it runs the command."""
     return f"EMBER_RIG_OUT={shlex.quote(out_dir or '')}\n"
+
+
+def snapshot_table(trees: list[str]) -> str:
+    """Lines 'treeN PATH' telling init where to mount disk serial treeN (paths may hold spaces)."""
+    if any("\n" in tree for tree in trees):
+        raise ValueError("snapshot paths cannot contain newlines")
+    return "".join(f"tree{index} {tree}\n" for index, tree in enumerate(trees))

@@ -23,8 +23,9 @@ BUSYBOX = Path("/bin/busybox")
 INIT_RESOURCE = "init"
 # What the rig's L1 needs: KVM on AMD-V, virtio-mmio transport, 9p root and
 # control shares, virtio-serial ports for the command's output, an overlay
-# root, and TUN for L2 guests' networking.
-RIG_MODULES = ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay", "kvm_amd", "tun"]
+# root, ext4 on virtio-blk for the Python snapshots, and TUN for L2 guests' networking.
+RIG_MODULES = ["virtio_mmio", "virtio_console", "9pnet_virtio", "9p", "overlay", "virtio_blk", "crc32c_generic",
+               "ext4", "kvm_amd", "tun"]
 MODULE_DIR = "lib/modules"
 LOAD_LIST = "lib/modules/load.list"
 EXEC_MODE = 0o755

@@ -26,6 +26,7 @@ MODE_ENV = "EMBER_SYSTEM"
 RIG_TIMEOUT_ENV = "EMBER_RIG_TIMEOUT"
 DEFAULT_RIG_TIMEOUT = 3600.0
 RESULTS_NAME = "rig-results.json"
+RIG_DECIDES = ("skip", "skipif", "xfail")
 _RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
 _PREPARE_KEY = pytest.StashKey[Callable[[], None]]()
 
@@ -89,9 +90,10 @@ class RigFailure(Exception):
 
 
 def _stand_in(item: pytest.Item) -> RigResultItem:
+    """The rig decides skips and xfails, so only the other markers carry over."""
     twin = RigResultItem.from_parent(item.parent, name=item.name)
-    for marker in item.iter_markers():
-        twin.add_marker(marker)
+    twin.own_markers.extend(m for m in item.own_markers if m.name not in RIG_DECIDES)
+    twin.keywords.update({k: v for k, v in item.keywords.items() if k not in RIG_DECIDES})
     return twin
 
 

@@ -50,6 +50,7 @@ class RigRun:
     memory_mib: int = 4096
     cpus: int = 2
     extra_kernel_args: list[str] = field(default_factory=list)
+    snapshots: list[tuple[Path, Path]] = field(default_factory=list)
 
     @property
     def ctl_dir(self) -> Path:
@@ -104,6 +105,9 @@ def qemu_argv(run: RigRun, stdout_fd: int, stderr_fd: int, tsc_khz: int) -> list
     ]
     if run.out_dir is not None:
         argv += _share("out", run.out_dir, readonly=False)
+    for index, (_tree, image) in enumerate(run.snapshots):
+        argv += ["-drive", f"file={qemu_escape(str(image))},if=none,format=raw,readonly=on,id=tree{index}",
+                 "-device", f"virtio-blk-device,drive=tree{index},serial=tree{index}"]
     argv += ["-device", "virtio-serial-device", *_port("ember.stdout", stdout_fd), *_port("ember.stderr", stderr_fd)]
     return argv
 

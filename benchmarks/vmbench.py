@@ -1,0 +1,141 @@
+"""Guest-level measures, Ember and QEMU alternated run by run on the same guest.
+
+Boot time to init (console marker, plus Ember's own boot timer), VMM memory
+overhead (smaps while the guest sleeps), virtio-blk sequential throughput
+(busybox dd with O_DIRECT on /dev/vda) and, when Ember has --net, TCP to host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import netbench, smaps
+from benchmarks.console import ConsoleProcess
+from benchmarks.progress import Steps
+from benchmarks.results import Measure, Results
+from benchmarks.settings import Settings
+from benchmarks.vmm import EMBER, Disk, Guest, Launch, argv_for, ember_boot_ms, run_order
+
+log = logging.getLogger(__name__)
+
+BOOT_MARK = "EMBER-BOOT-MARK"
+DONE_MARK = "EMBER-BENCH-DONE"
+WRITE_START, WRITE_END, READ_END = "BLK-W0", "BLK-W1", "BLK-R1"
+MIB = 1 << 20
+KIB_PER_MIB = 1024
+
+
+def _series(results: Results, key: str, title: str, unit: str, better: str, where: str,
+            target: float | None = None, note: str = "") -> Measure:
+    return results.add(Measure(key, title, unit, better, where, target=target, note=note))
+
+
+def _append(measure: Measure, vmm: str, value: float) -> None:
+    (measure.ember if vmm == EMBER else measure.reference).append(value)
+
+
+def boot_once(vmm: str, guest: Guest, s: Settings) -> tuple[float, float | None, smaps.MemorySplit]:
+    """(seconds to the boot marker, Ember's boot-timer ms or None, memory split while alive)."""
+    command = f"echo {BOOT_MARK}; sleep {s.alive_s:g}; echo {DONE_MARK}"
+    with ConsoleProcess(argv_for(vmm, Launch(guest, command))) as proc:
+        booted = proc.wait_for(BOOT_MARK, s.vm_timeout_s)
+        time.sleep(s.sample_after_s)
+        memory = smaps.sample(proc.pid, guest.mem_mib * MIB)
+        proc.wait_for(DONE_MARK, s.vm_timeout_s)
+        proc.finish()
+        own = ember_boot_ms(proc.stderr_text()) if vmm == EMBER else None
+    return booted, own, memory
+
+
+def measure_boot(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
+    console = _series(results, "boot_console", "Boot to init (console marker, from spawn)", "ms", "lower",
+                      where, target=1.0, note="`echo` by the guest's init, timestamped on the console pipe")
+    timer = _series(results, "boot_timer", "Boot to init (Ember's boot-timer device)", "ms", "lower", where,
+                    note="Ember only: from Ember's process start to the guest's write of 123 at 0xd0000000")
+    timer.reference_name = "—"
+    rss = _series(results, "rss_total", "VMM process RSS (total)", "MiB", "lower", where,
+                  note=f"sampled {s.sample_after_s:g} s after the boot marker while the guest sleeps")
+    overhead = _series(results, "rss_overhead", "VMM memory overhead (RSS minus guest RAM)", "MiB", "lower",
+                       where, target=1.0)
+    for index in range(s.runs):
+        for vmm in run_order(index):
+            booted, own, memory = boot_once(vmm, guest, s)
+            _append(console, vmm, booted * 1000)
+            _append(rss, vmm, memory.total_kib / KIB_PER_MIB)
+            _append(overhead, vmm, memory.overhead_kib / KIB_PER_MIB)
+            if own is not None:
+                timer.ember.append(own)
+            steps.step(f"boot {vmm} run {index + 1}: {booted * 1000:.0f} ms, "
+                       f"overhead {memory.overhead_kib / KIB_PER_MIB:.1f} MiB")
+
+
+def block_command(mib: int) -> str:
+    """dd straight to the disk (O_DIRECT), then back; dd's own output kept off the console."""
+    return (f"echo {WRITE_START}; dd if=/dev/zero of=/dev/vda bs=1M count={mib} oflag=direct 2>/tmp/w; "
+            f"echo {WRITE_END}; dd if=/dev/vda of=/dev/null bs=1M count={mib} iflag=direct 2>/tmp/r; "
+            f"echo {READ_END}; cat /tmp/w /tmp/r; echo {DONE_MARK}")
+
+
+def block_once(vmm: str, guest: Guest, s: Settings, image: Path) -> tuple[float, float]:
+    """(write MiB/s, read MiB/s) of one boot."""
+    with open(image, "wb") as f:
+        f.truncate(s.disk_mib * MIB)
+    command = block_command(s.disk_mib)
+    with ConsoleProcess(argv_for(vmm, Launch(guest, command, disks=[Disk(str(image))]))) as proc:
+        start = proc.wait_for(WRITE_START, s.vm_timeout_s)
+        written = proc.wait_for(WRITE_END, s.vm_timeout_s)
+        read = proc.wait_for(READ_END, s.vm_timeout_s)
+        proc.wait_for(DONE_MARK, s.vm_timeout_s)
+        proc.finish()
+    return s.disk_mib / (written - start), s.disk_mib / (read - written)
+
+
+def measure_block(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
+    note = f"{s.disk_mib} MiB, bs=1M, O_DIRECT in the guest; raw image on tmpfs"
+    write = _series(results, "blk_write", "virtio-blk sequential write", "MiB/s", "higher", where, 1.0, note)
+    read = _series(results, "blk_read", "virtio-blk sequential read", "MiB/s", "higher", where, 1.0, note)
+    with tempfile.TemporaryDirectory(prefix="ember-bench-", dir=_scratch_dir()) as tmp:
+        image = Path(tmp) / "disk.img"
+        for index in range(s.runs):
+            for vmm in run_order(index):
+                w, r = block_once(vmm, guest, s, image)
+                _append(write, vmm, w)
+                _append(read, vmm, r)
+                steps.step(f"block {vmm} run {index + 1}: write {w:.1f} MiB/s, read {r:.1f} MiB/s")
+
+
+def _scratch_dir() -> str | None:
+    """/dev/shm when present (tmpfs: the disk measures the VMM, not the host's disk)."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def measure_net(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
+    net = _series(results, "tcp_tx", "TCP guest → host over TAP", "MiB/s", "higher", where, 1.0,
+                  f"{s.net_mib} MiB from busybox nc to a host socket")
+    why = netbench.unavailable()
+    if why is not None:
+        net.missing = why
+        steps.step(f"TCP: {why}")
+        for _ in range(2 * s.runs - 1):
+            steps.step("TCP: skipped")
+        return
+    with netbench.TapNetwork() as tap:
+        for index in range(s.runs):
+            for vmm in run_order(index):
+                rate = netbench.tcp_once(vmm, guest, s, tap)
+                _append(net, vmm, rate)
+                steps.step(f"TCP {vmm} run {index + 1}: {rate:.1f} MiB/s")
+
+
+def vm_steps(s: Settings) -> int:
+    return 3 * 2 * s.runs
+
+
+def run_vm_measures(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
+    measure_boot(results, guest, s, where, steps)
+    measure_block(results, guest, s, where, steps)
+    measure_net(results, guest, s, where, steps)
