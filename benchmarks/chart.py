@@ -54,8 +54,9 @@ def draw(results: Results, path: Path) -> Path | None:
     if not shown:
         return None
     rows = (len(shown) + COLUMNS - 1) // COLUMNS
-    fig, axes = plt.subplots(rows, COLUMNS, figsize=(PANEL_IN[0] * COLUMNS, PANEL_IN[1] * rows), squeeze=False)
-    for ax, m in zip(axes.flat, shown):
+    size = (PANEL_IN[0] * COLUMNS, PANEL_IN[1] * rows)
+    fig, axes = plt.subplots(rows, COLUMNS, figsize=size, squeeze=False)
+    for ax, m in zip(list(axes.flat)[:len(shown)], shown, strict=True):
         _panel(ax, m)
     for ax in list(axes.flat)[len(shown):]:
         ax.axis("off")

@@ -33,12 +33,13 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description="Ember beside QEMU: one suite, one report")
+    p = argparse.ArgumentParser(prog="python -m benchmarks",
+                                description="Ember beside QEMU: one suite, one report")
     p.add_argument("--runs", type=int, help="runs per figure (default 5; --quick: 2)")
     p.add_argument("--quick", action="store_true", help="few runs and small sizes, for trying it")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the raw results JSON goes")
     p.add_argument("--docs", type=Path, default=DEFAULT_DOCS, help="where benchmarks.md and .png go")
-    p.add_argument("--no-rig", action="store_true", help="run guests on the local KVM even if it looks unable")
+    p.add_argument("--no-rig", action="store_true", help="run guests on the local KVM, never the rig")
     p.add_argument("--render", action="store_true", help="only re-render the report from --out's results")
     p.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kernel", help=argparse.SUPPRESS)
@@ -74,7 +75,8 @@ def guest_images(s: conf.Settings) -> tuple[Guest, str]:
     kernel = vmlinux if pvh else images.artifact_path("kernel", build=True, progress=progress)
     how = "ELF vmlinux (PVH entry for QEMU)" if pvh else "bzImage (the kernel lacks CONFIG_PVH)"
     guest = Guest(str(kernel), str(initrd), s.mem_mib, s.vcpus)
-    return guest, f"{Path(kernel).name}, {how}; initramfs {Path(initrd).name}; {s.mem_mib} MiB, {s.vcpus} vCPU"
+    described = f"{Path(kernel).name}, {how}; initramfs {Path(initrd).name}; {s.mem_mib} MiB, {s.vcpus} vCPU"
+    return guest, described
 
 
 def vm_where() -> str:
@@ -131,7 +133,8 @@ def host(args: argparse.Namespace, s: conf.Settings, argv: list[str]) -> int:
     results = Results(meta={
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "command": shlex.join(["python", "-m", "benchmarks", *argv]),
-        **sysinfo.machine("host_"), "host_kvm": kvm.detail, **sysinfo.versions(),
+        **sysinfo.machine("host_"), "host_kvm": kvm.detail, "host_load": sysinfo.load_average(),
+        **sysinfo.versions(),
         "guest": described, "guest_kernel": sysinfo.guest_kernel_version(guest.kernel),
         "settings": " ".join(f"{k}={v}" for k, v in s.as_dict().items()),
     })

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -26,11 +27,9 @@ NET_GO, DONE_MARK = "NET-GO", "EMBER-BENCH-DONE"
 
 def unavailable() -> str | None:
     """Why TCP cannot be measured here, or None when it can."""
-    from ember.cli import build_parser
-
-    parser = build_parser()
-    run = parser._subparsers._group_actions[0].choices["run"]  # argparse keeps subparsers here
-    if not any("--net" in action.option_strings for action in run._actions):
+    helped = subprocess.run([sys.executable, "-m", "ember", "run", "--help"], capture_output=True, text=True)
+    usage = helped.stdout
+    if "--net" not in usage.split():
         return "not measured: Ember has no network device yet (`ember run` has no --net)"
     if subprocess.run(["ip", "tuntap", "help"], capture_output=True).returncode not in (0, 255):
         return "not measured: iproute2 cannot make TAP devices here"

@@ -29,10 +29,10 @@ class Steps:
         if self._bar is not None:
             self._bar.update(self._task, advance=1, description=text)
         else:
-            self.console.print(f"[{self.done}/{self.total}] {text}", highlight=False)
+            self.console.print(f"[{self.done}/{self.total}] {text}", highlight=False, soft_wrap=True)
 
     def note(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -43,7 +43,8 @@ def time_to_socket(argv: list[str], path: Path) -> float:
     try:
         while not _connect_ok(path):
             if proc.poll() is not None:
-                raise BenchError(f"{argv[0]} exited before its socket was up: {proc.stderr.read().decode()[-500:]}")
+                why = proc.stderr.read().decode(errors="replace")[-500:]
+                raise BenchError(f"{argv[0]} exited before its socket was up: {why}")
             if time.monotonic() - start > TIMEOUT_S:
                 raise BenchError(f"{argv[0]}: no socket at {path} within {TIMEOUT_S:g} s")
             time.sleep(POLL_S)

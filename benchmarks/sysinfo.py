@@ -65,3 +65,8 @@ def machine(prefix: str) -> dict[str, str]:
 
 def versions() -> dict[str, str]:
     return {"ember": ember.__version__, "qemu": qemu_version(), "python": sys.version.split()[0]}
+
+
+def load_average() -> str:
+    """The host's load average: other work on the machine widens the spread of every figure."""
+    return ", ".join(f"{value:.2f}" for value in os.getloadavg())

@@ -18,7 +18,7 @@ from benchmarks.console import ConsoleProcess
 from benchmarks.progress import Steps
 from benchmarks.results import Measure, Results
 from benchmarks.settings import Settings
-from benchmarks.vmm import EMBER, Disk, Guest, Launch, argv_for, ember_boot_ms, run_order
+from benchmarks.vmm import EMBER, QEMU_NAME, Disk, Guest, Launch, argv_for, ember_boot_ms, run_order
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,9 @@ BOOT_MARK = "EMBER-BOOT-MARK"
 DONE_MARK = "EMBER-BENCH-DONE"
 WRITE_START, WRITE_END, READ_END = "BLK-W0", "BLK-W1", "BLK-R1"
 MIB = 1 << 20
+# After its last marker Ember powers off by itself (and prints its summary); QEMU's microvm has no
+# reset path for `reboot -f` and would spin, so it is stopped at once.
+EXIT_GRACE_S = {EMBER: 20.0, QEMU_NAME: 0.2}
 KIB_PER_MIB = 1024
 
 
@@ -46,7 +49,7 @@ def boot_once(vmm: str, guest: Guest, s: Settings) -> tuple[float, float | None,
         time.sleep(s.sample_after_s)
         memory = smaps.sample(proc.pid, guest.mem_mib * MIB)
         proc.wait_for(DONE_MARK, s.vm_timeout_s)
-        proc.finish()
+        proc.finish(EXIT_GRACE_S[vmm])
         own = ember_boot_ms(proc.stderr_text()) if vmm == EMBER else None
     return booted, own, memory
 
@@ -90,7 +93,7 @@ def block_once(vmm: str, guest: Guest, s: Settings, image: Path) -> tuple[float,
         written = proc.wait_for(WRITE_END, s.vm_timeout_s)
         read = proc.wait_for(READ_END, s.vm_timeout_s)
         proc.wait_for(DONE_MARK, s.vm_timeout_s)
-        proc.finish()
+        proc.finish(EXIT_GRACE_S[vmm])
     return s.disk_mib / (written - start), s.disk_mib / (read - written)
 
 

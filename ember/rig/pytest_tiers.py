@@ -94,6 +94,8 @@ def _stand_in(item: pytest.Item) -> RigResultItem:
     twin = RigResultItem.from_parent(item.parent, name=item.name)
     twin.own_markers.extend(m for m in item.own_markers if m.name not in RIG_DECIDES)
     twin.keywords.update({k: v for k, v in item.keywords.items() if k not in RIG_DECIDES})
+    if item.config.pluginmanager.hasplugin("timeout"):
+        twin.add_marker(pytest.mark.timeout(0))  # the first stand-in waits for the whole rig run
     return twin
 
 

@@ -165,3 +165,28 @@ def test_qemu_argv_escapes_paths_and_adds_the_out_share(tmp_path: Path) -> None:
     assert "path=/dev/fd/5" in joined and "path=/dev/fd/6" in joined
     assert "tsc_early_khz=2000000" in argv[argv.index("-append") + 1]
     assert "-nodefaults" in argv and argv[argv.index("-nic") + 1] == "none"
+
+
+def test_snapshot_table_and_disks(tmp_path: Path) -> None:
+    from ember.rig.command import snapshot_table
+
+    assert snapshot_table(["/opt/py", "/a b/venv"]) == "tree0 /opt/py\ntree1 /a b/venv\n"
+    with pytest.raises(ValueError):
+        snapshot_table(["/bad\npath"])
+    run = RigRun(Path("/k/vmlinux"), Path("/k/rig.cpio"), tmp_path, snapshots=[(Path("/opt/py"), Path("/c/x,y.ext4"))])
+    joined = " ".join(qemu_argv(run, 5, 6, 1))
+    assert "file=/c/x,,y.ext4,if=none,format=raw,readonly=on,id=tree0" in joined
+    assert "virtio-blk-device,drive=tree0,serial=tree0" in joined
+
+
+def test_tree_fingerprint_follows_directory_changes(tmp_path: Path) -> None:
+    from ember.rig.trees import survey
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_bytes(b"x" * 5000)
+    key, size, inodes = survey(tmp_path)
+    assert size == 8192 and inodes == 3
+    assert survey(tmp_path)[0] == key
+    (tmp_path / "pkg" / "new.py").write_text("")
+    os.utime(tmp_path / "pkg", ns=(1, 1))
+    assert survey(tmp_path)[0] != key
