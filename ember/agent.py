@@ -18,16 +18,24 @@ import time
 from ember.errors import EmberError
 
 log = logging.getLogger(__name__)
+READY_LINE = b"READY 0 "
 
 
 class AgentBridge:
-    """Bridges one Unix-socket client at a time to the agent's serial port."""
+    """Bridges one Unix-socket client at a time to the agent's serial port.
+
+    Requests sent before the agent announced itself are held back until its
+    READY line: the guest's serial driver drops what arrived before it opened.
+    """
 
     def __init__(self, path: str, loop, to_guest) -> None:
         self.path = path
         self._loop = loop
         self._to_guest = to_guest
         self._client: socket.socket | None = None
+        self._ready = False  # the agent announced itself (READY): earlier input would be lost
+        self._held = bytearray()
+        self._seen = b""
         if os.path.exists(path):
             os.unlink(path)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
@@ -58,7 +66,10 @@ class AgentBridge:
         except OSError:
             data = b""
         if data:
-            self._to_guest(data)
+            if self._ready and not self._held:
+                self._to_guest(data)
+            else:
+                self._held += data
             return
         self._loop.remove_reader(client.fileno())
         client.close()
@@ -66,6 +77,11 @@ class AgentBridge:
 
     def guest_output(self, data: bytes) -> None:
         """Called on a vCPU thread with bytes the agent wrote to its port."""
+        if not self._ready:
+            self._seen = (self._seen + data)[-64:]
+            if READY_LINE in self._seen:
+                self._ready = True
+                self._loop.call_soon_threadsafe(self._release_held)
         client = self._client
         if client is None:
             return
@@ -73,6 +89,11 @@ class AgentBridge:
             client.sendall(data)
         except OSError:
             log.debug("agent client went away")
+
+    def _release_held(self) -> None:
+        held, self._held = bytes(self._held), bytearray()
+        if held:
+            self._to_guest(held)
 
     def close(self) -> None:
         self._loop.remove_reader(self._server.fileno())

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--rootfs", help="root file system image, attached as a virtio block device")
     run.add_argument("--drive", action="append", default=[], metavar="PATH[,ro]",
                      help="extra raw disk image (repeatable)")
+    run.add_argument("--net", action="append", default=[], metavar="TAP[,mac=MAC]",
+                     help="virtio-net on a TAP device (created if missing; repeatable)")
+    run.add_argument("--vsock", metavar="UDS_PATH",
+                     help="virtio-vsock, Firecracker style: host connects to UDS_PATH, guest to UDS_PATH_PORT")
+    run.add_argument("--vsock-cid", type=int, default=3, metavar="CID", help="guest vsock CID (default 3)")
     run.add_argument("--cmdline", help="kernel command line (replaces the default)")
     run.add_argument("--mem", type=int, default=256, metavar="MiB", help="guest memory (default 256)")
     run.add_argument("--vcpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
@@ -157,6 +162,8 @@ def run_config(args: argparse.Namespace, command: list[str]):
             raise EmberError(f"invalid --drive {spec!r}: the only flag is ',ro'")
         drives.append(cfg.Drive(drive_id=f"drive{index}", path_on_host=path,
                                 is_root_device=False, is_read_only=flags == "ro"))
+    interfaces = [_net_interface(index, spec) for index, spec in enumerate(args.net)]
+    vsock = cfg.Vsock(guest_cid=args.vsock_cid, uds_path=args.vsock) if args.vsock else None
     boot_args = args.cmdline if args.cmdline is not None else cfg.DEFAULT_BOOT_ARGS
     if args.rootfs and args.cmdline is None:
         boot_args += " root=/dev/vda rw"
@@ -169,10 +176,26 @@ def run_config(args: argparse.Namespace, command: list[str]):
         boot_source=cfg.BootSource(kernel_image_path=kernel, initrd_path=initrd, boot_args=boot_args),
         machine_config=cfg.MachineConfig(vcpu_count=args.vcpus, mem_size_mib=args.mem),
         drives=drives,
+        network_interfaces=interfaces,
+        vsock=vsock,
         entropy=cfg.Entropy(),
     )
     cfg.validate(config)
     return config
+
+
+def _net_interface(index: int, spec: str):
+    from ember import config as cfg
+
+    name, _, option = spec.partition(",")
+    mac = None
+    if option:
+        key, _, mac = option.partition("=")
+        if key != "mac" or not mac:
+            raise EmberError(f"invalid --net {spec!r}: expected TAP[,mac=MAC]")
+    if not name or len(name) > 15:
+        raise EmberError(f"invalid --net {spec!r}: a TAP name has 1 to 15 characters")
+    return cfg.NetworkInterface(iface_id=f"eth{index}", host_dev_name=name, guest_mac=mac)
 
 
 def check_console_spec(spec: str) -> None:
@@ -216,6 +239,12 @@ def _run_in_rig(why: str, config, args: argparse.Namespace, command: list[str]) 
         inner += ["--rootfs", os.path.abspath(args.rootfs)]
     for spec in args.drive:
         inner += ["--drive", os.path.abspath(spec)]
+    for spec in args.net:
+        inner += ["--net", spec]
+    if args.vsock:
+        inner += ["--vsock", os.path.abspath(args.vsock), "--vsock-cid", str(args.vsock_cid)]
+    if args.agent_sock:
+        inner += ["--agent-sock", os.path.abspath(args.agent_sock)]
     if args.verbose:
         inner.append("--verbose")
     if command:

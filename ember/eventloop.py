@@ -27,19 +27,41 @@ class EventLoop:
         self._selector = selectors.DefaultSelector()
         self._pending: deque[Callback] = deque()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, (self._drain_wakeups, None))
         self._running = False
         self._thread: threading.Thread | None = None
 
     def add_reader(self, fd: int, callback: Callback) -> None:
-        self._selector.register(fd, selectors.EVENT_READ, callback)
-        self._wake()
+        self._set(fd, selectors.EVENT_READ, callback)
 
     def remove_reader(self, fd: int) -> None:
+        self._set(fd, selectors.EVENT_READ, None)
+
+    def add_writer(self, fd: int, callback: Callback) -> None:
+        self._set(fd, selectors.EVENT_WRITE, callback)
+
+    def remove_writer(self, fd: int) -> None:
+        self._set(fd, selectors.EVENT_WRITE, None)
+
+    def _set(self, fd: int, event: int, callback: Callback | None) -> None:
+        """Set or clear the callback for one direction of fd, keeping the other."""
         try:
-            self._selector.unregister(fd)
+            key = self._selector.get_key(fd)
+            reader, writer = key.data
         except (KeyError, ValueError):
-            pass
+            key, reader, writer = None, None, None
+        if event == selectors.EVENT_READ:
+            reader = callback
+        else:
+            writer = callback
+        mask = (selectors.EVENT_READ if reader else 0) | (selectors.EVENT_WRITE if writer else 0)
+        if key is not None and mask:
+            self._selector.modify(fd, mask, (reader, writer))
+        elif key is not None:
+            self._selector.unregister(fd)
+        elif mask:
+            self._selector.register(fd, mask, (reader, writer))
+        self._wake()
 
     def call_soon_threadsafe(self, callback: Callback) -> None:
         self._pending.append(callback)
@@ -53,8 +75,12 @@ class EventLoop:
     def run(self) -> None:
         self._running = True
         while self._running:
-            for key, _ in self._selector.select():
-                self._call(key.data)
+            for key, events in self._selector.select():
+                reader, writer = key.data
+                if events & selectors.EVENT_READ and reader is not None:
+                    self._call(reader)
+                if events & selectors.EVENT_WRITE and writer is not None:
+                    self._call(writer)
             while self._pending:
                 self._call(self._pending.popleft())
 

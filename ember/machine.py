@@ -25,7 +25,9 @@ from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial
 from ember.devices.virtio.block import BlockDevice
 from ember.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport, cmdline_param
+from ember.devices.virtio.net import NetDevice
 from ember.devices.virtio.rng import RngDevice
+from ember.devices.virtio.vsock import VsockDevice
 from ember.errors import EmberError
 from ember.eventloop import EventLoop
 from ember.exitstats import ExitStats
@@ -218,6 +220,12 @@ class MicroVM:
         for drive in drives:
             device = BlockDevice(drive.path_on_host, read_only=drive.is_read_only, drive_id=drive.drive_id)
             self.add_virtio_device(device, f"block:{drive.drive_id}")
+        for iface in self.config.network_interfaces:
+            device = NetDevice.open(self.events, iface.host_dev_name, mac=iface.guest_mac)
+            self.add_virtio_device(device, f"net:{iface.iface_id}")
+        if self.config.vsock is not None:
+            vsock = self.config.vsock
+            self.add_virtio_device(VsockDevice(self.events, vsock.guest_cid, vsock.uds_path), "vsock")
         if self.config.entropy is not None:
             self.add_virtio_device(RngDevice(), "rng")
 

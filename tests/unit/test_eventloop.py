@@ -1,0 +1,69 @@
+"""The device event loop: readers, writers, thread-safe calls, failing callbacks."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from ember.eventloop import EventLoop
+
+
+def test_reader_writer_and_call_soon():
+    loop = EventLoop()
+    loop.start()
+    try:
+        a, b = socket.socketpair()
+        got = threading.Event()
+        writable = threading.Event()
+        called = threading.Event()
+
+        def on_read():
+            assert a.recv(10) == b"x"
+            got.set()
+
+        loop.add_reader(a.fileno(), on_read)
+        loop.add_writer(a.fileno(), lambda: (writable.set(), loop.remove_writer(a.fileno())))
+        assert writable.wait(5)
+        b.send(b"x")
+        assert got.wait(5)
+        loop.call_soon_threadsafe(called.set)
+        assert called.wait(5)
+        loop.remove_reader(a.fileno())
+        a.close()
+        b.close()
+    finally:
+        loop.close()
+
+
+def test_a_failing_callback_does_not_stop_the_loop():
+    loop = EventLoop()
+    loop.start()
+    try:
+        loop.call_soon_threadsafe(lambda: 1 / 0)
+        done = threading.Event()
+        loop.call_soon_threadsafe(done.set)
+        assert done.wait(5)
+    finally:
+        loop.close()
+
+
+def test_eventfd_reader_fires_once_per_signal():
+    loop = EventLoop()
+    loop.start()
+    fd = os.eventfd(0, os.EFD_NONBLOCK)
+    hits = []
+    fired = threading.Event()
+
+    def on_event():
+        hits.append(os.eventfd_read(fd))
+        fired.set()
+
+    try:
+        loop.add_reader(fd, on_event)
+        os.eventfd_write(fd, 3)
+        assert fired.wait(5)
+        assert hits == [3]
+    finally:
+        loop.close()
+        os.close(fd)
