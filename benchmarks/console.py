@@ -81,6 +81,10 @@ class ConsoleProcess:
         raise BenchError(f"{self.argv[0]}: waited for {marker!r} but the VMM {why}; "
                          f"console tail:\n{self.console_tail()}\nstderr tail:\n{self.stderr_text()[-1500:]}")
 
+    def console_lines(self) -> list[str]:
+        with self._cond:
+            return [line for _, line in self._lines]
+
     def console_tail(self, lines: int = 15) -> str:
         with self._cond:
             return "\n".join(line for _, line in self._lines[-lines:])

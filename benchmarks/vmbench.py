@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from benchmarks import netbench, smaps
-from benchmarks.console import ConsoleProcess
+from benchmarks.console import BenchError, ConsoleProcess
 from benchmarks.progress import Steps
 from benchmarks.results import Measure, Results
 from benchmarks.settings import Settings
@@ -58,7 +58,8 @@ def measure_boot(results: Results, guest: Guest, s: Settings, where: str, steps:
     console = _series(results, "boot_console", "Boot to init (console marker, from spawn)", "ms", "lower",
                       where, target=1.0, note="`echo` by the guest's init, timestamped on the console pipe")
     timer = _series(results, "boot_timer", "Boot to init (Ember's boot-timer device)", "ms", "lower", where,
-                    note="Ember only: from Ember's process start to the guest's write of 123 at 0xd0000000")
+                    note="Ember only: from the clock `ember run` reads as its CLI module loads (after the "
+                    "interpreter's own start-up) to the guest's write of 123 at 0xd0000000")
     timer.reference_name = "—"
     rss = _series(results, "rss_total", "VMM process RSS (total)", "MiB", "lower", where,
                   note=f"sampled {s.sample_after_s:g} s after the boot marker while the guest sleeps")
@@ -94,7 +95,16 @@ def block_once(vmm: str, guest: Guest, s: Settings, image: Path) -> tuple[float,
         read = proc.wait_for(READ_END, s.vm_timeout_s)
         proc.wait_for(DONE_MARK, s.vm_timeout_s)
         proc.finish(EXIT_GRACE_S[vmm])
+        check_dd(vmm, proc, s.disk_mib)
     return s.disk_mib / (written - start), s.disk_mib / (read - written)
+
+
+def check_dd(vmm: str, proc: ConsoleProcess, mib: int) -> None:
+    """Both dd runs must have copied every MiB (else the 'throughput' timed a failure)."""
+    done = f"{mib}+0 records out"
+    if sum(line.strip() == done for line in proc.console_lines()) != 2:
+        raise BenchError(f"{vmm}: dd on /dev/vda did not copy {mib} MiB both ways; console tail:\n"
+                         f"{proc.console_tail()}")
 
 
 def measure_block(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:

@@ -4,7 +4,9 @@ The default guest's agent listens on its second serial port (COM2). The VMM
 bridges that port to a Unix socket (``AgentBridge``, on the event loop);
 ``ember exec`` connects there and speaks the agent's line protocol
 (``ember.images.agent_protocol``): one request, then stdout, stderr and the
-exit status come back.
+exit status come back. With virtio-vsock the same agent also listens on guest
+vsock port 52; the host reaches it through the device's Unix socket with
+Firecracker's handshake (docs/vsock.md: "CONNECT <port>\\n" -> "OK <n>\\n").
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from ember.errors import EmberError
 
 log = logging.getLogger(__name__)
 READY_LINE = b"READY 0 "
+VSOCK_AGENT_PORT = 52
+MAX_HANDSHAKE_LINE = 64
+RETRY_S = 0.1
 
 
 class AgentBridge:
@@ -131,11 +136,11 @@ def _connect(path: str, deadline: float) -> socket.socket:
             time.sleep(0.1)
 
 
-def _collect_reply(conn: socket.socket, request_id: int, deadline: float) -> tuple[bytes, bytes, int]:
+def _collect_reply(conn: socket.socket, request_id: int, deadline: float,
+                   buffer: bytes = b"") -> tuple[bytes, bytes, int]:
     from ember.images import agent_protocol as proto
 
     collector = proto.ExecCollector(request_id)
-    buffer = b""
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
@@ -160,16 +165,96 @@ def _collect_reply(conn: socket.socket, request_id: int, deadline: float) -> tup
                 return result.stdout, result.stderr, result.status
 
 
-def run_command(sock_path: str, command: list[str], *, timeout: float = 60.0) -> int:
-    """`ember exec`: print the guest command's output, return its status."""
+class HandshakeRefused(ConnectionError):
+    """The vsock device closed the connection before "OK": nobody listens on that guest port yet."""
+
+
+def vsock_handshake(conn: socket.socket, port: int, deadline: float) -> bytes:
+    """Send "CONNECT <port>\\n", read the "OK <n>\\n" answer; returns bytes that came after it."""
+    conn.sendall(b"CONNECT %d\n" % port)
+    buffer = b""
+    while b"\n" not in buffer:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise EmberError(f"the vsock device did not answer CONNECT {port} in time")
+        conn.settimeout(left)
+        try:
+            chunk = conn.recv(MAX_HANDSHAKE_LINE)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            raise HandshakeRefused(f"guest vsock port {port} refused the connection")
+        buffer += chunk
+        if len(buffer) > MAX_HANDSHAKE_LINE and b"\n" not in buffer:
+            break
+    line, rest = buffer.split(b"\n", 1) if b"\n" in buffer else (buffer, b"")
+    parts = line.split(b" ")
+    if len(parts) != 2 or parts[0] != b"OK" or not parts[1].isdigit():
+        raise EmberError(f"unexpected vsock handshake answer {line[:40]!r}")
+    return rest
+
+
+def connect_vsock(uds_path: str, port: int, deadline: float) -> tuple[socket.socket, bytes]:
+    """Connect to guest vsock ``port`` through the device's Unix socket, retrying until it listens.
+
+    Returns the connected socket and any bytes received right after the handshake.
+    """
+    while True:
+        conn = _connect(uds_path, deadline)
+        try:
+            return conn, vsock_handshake(conn, port, deadline)
+        except HandshakeRefused as err:
+            conn.close()
+            if time.monotonic() + RETRY_S > deadline:
+                raise EmberError(f"cannot reach the guest agent through {uds_path}: {err}") from None
+            time.sleep(RETRY_S)
+        except BaseException:
+            conn.close()
+            raise
+
+
+def exec_in_guest_vsock(uds_path: str, command: str, *, port: int = VSOCK_AGENT_PORT,
+                        timeout: float = 60.0) -> tuple[bytes, bytes, int]:
+    """Run ``command`` through the agent on guest vsock ``port``; returns (stdout, stderr, status)."""
+    from ember.images import agent_protocol as proto
+
+    deadline = time.monotonic() + timeout
+    conn, early = connect_vsock(uds_path, port, deadline)
+    request_id = os.getpid() & 0xFFFF
+    with conn:
+        conn.sendall(proto.encode_request(request_id, command))
+        return _collect_reply(conn, request_id, deadline, early)
+
+
+def _command_text(command: list[str], usage: str) -> str:
     import shlex
 
     if not command:
-        raise EmberError("no command given: ember exec --agent-sock PATH -- COMMAND")
-    text = command[0] if len(command) == 1 else shlex.join(command)
-    out, err, status = exec_in_guest(sock_path, text, timeout=timeout)
+        raise EmberError(f"no command given: {usage}")
+    return command[0] if len(command) == 1 else shlex.join(command)
+
+
+def _print_result(out: bytes, err: bytes) -> None:
     sys.stdout.buffer.write(out)
     sys.stdout.flush()
     sys.stderr.buffer.write(err)
     sys.stderr.flush()
+
+
+def run_command(sock_path: str, command: list[str], *, timeout: float = 60.0) -> int:
+    """`ember exec --agent-sock`: print the guest command's output, return its status."""
+    text = _command_text(command, "ember exec --agent-sock PATH -- COMMAND")
+    out, err, status = exec_in_guest(sock_path, text, timeout=timeout)
+    _print_result(out, err)
+    return status
+
+
+def run_command_vsock(uds_path: str, command: list[str], timeout: float = 60.0, *,
+                      port: int = VSOCK_AGENT_PORT) -> int:
+    """`ember exec --vsock`: the same over the guest's vsock agent."""
+    text = _command_text(command, "ember exec --vsock UDS_PATH -- COMMAND")
+    out, err, status = exec_in_guest_vsock(uds_path, text, port=port, timeout=timeout)
+    _print_result(out, err)
     return status

@@ -259,8 +259,12 @@ def _print_summary(vm, info) -> None:
     metrics = vm.metrics()
     console = Console(stderr=True)
     boot_us = metrics["boot_time_us"]
-    boot_text = "not reported" if boot_us is None else f"{boot_us / 1000:.1f} ms"
-    console.print(f"[bold]{info.describe() if info else 'running'}[/]; boot time to init: {boot_text}")
+    guest_us = metrics["guest_boot_time_us"]
+    boot_text = "not reported" if boot_us is None else f"{boot_us / 1000:.1f} ms from process start"
+    console.print(f"[bold]{info.describe() if info else 'running'}[/]")
+    console.print(f"boot time to init: {boot_text}", soft_wrap=True)
+    if guest_us is not None:
+        console.print(f"guest boot time: {guest_us / 1000:.1f} ms from the first KVM_RUN to init", soft_wrap=True)
     table = Table(title="VM exits by reason")
     for col in ("reason", "count", "mean µs in Ember"):
         table.add_column(col, justify="right" if col != "reason" else "left")

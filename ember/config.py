@@ -19,7 +19,7 @@ from ember.errors import ConfigError
 MAX_VCPUS = 32
 MIN_MEM_MIB = 16
 DEFAULT_MEM_MIB = 256
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=-1 quiet"
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd"
 
 _ID = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_]{1,64}$")]
 _MAC = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")

@@ -1,7 +1,9 @@
 #!/bin/sh
 # Ember guest agent for `ember exec`, speaking the line protocol documented in
 # ember/images/agent_protocol.py over a dedicated serial port (default
-# /dev/ttyS1): announces "READY 0 1", then answers each "EXEC <id> <base64>"
+# /dev/ttyS1), or over its own stdin/stdout when the port is "-" (a vsock
+# connection handed over by ember-vsock): announces "READY 0 1", then answers
+# each "EXEC <id> <base64>"
 # with "OUT <id> <b64 stdout>", "ERR <id> <b64 stderr>", "RC <id> <status>".
 # Sourcing this file in a shell with EMBER_AGENT_LIB=1 only defines functions.
 
@@ -55,6 +57,11 @@ agent_serve() {
 agent_main() {
     _port=${1:-/dev/ttyS1}
     _work=$(mktemp -d /tmp/ember-agent.XXXXXX) || exit 1
+    if [ "$_port" = - ]; then
+        agent_serve "$_work"
+        rm -rf "$_work"
+        return
+    fi
     stty -F "$_port" raw -echo 2>/dev/null
     agent_serve "$_work" <"$_port" >"$_port"
 }

@@ -1,7 +1,8 @@
 """Builds Ember's default BusyBox root file system: a gzip initramfs and an ext4 image.
 
 Both hold the same tree (busybox-static and its applet links, Ember's init and
-guest agent, a minimal /etc). The initramfs follows the kernel's
+guest agent, the ember-vsock helper compiled here from vsock_helper.c with the
+host gcc, a minimal /etc). The initramfs follows the kernel's
 early-userspace buffer format (see cpio.py); the ext4 image is made without
 root or loop devices by ``mkfs.ext4 -d`` (e2fsprogs) from a staging dir.
 """
@@ -20,7 +21,7 @@ from ember.errors import EmberError
 from ember.images import cache
 from ember.images.cpio import CpioArchive, CpioEntry
 from ember.images.progress import BuildProgress
-from ember.images.tools import ROOTFS_TOOLS, require_tools
+from ember.images.tools import HELPER_TOOLS, ROOTFS_TOOLS, require_tools
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,10 @@ INITRD_NAME = "initrd.cpio.gz"
 EXT4_NAME = "rootfs.ext4"
 EXT4_SIZE = "64M"
 EXT4_LABEL = "ember-root"
-RECIPE_VERSION = b"ember-rootfs-recipe-1"
+RECIPE_VERSION = b"ember-rootfs-recipe-2"
+VSOCK_HELPER_SOURCE = "vsock_helper.c"
+VSOCK_HELPER_PATH = "sbin/ember-vsock"
+HELPER_CFLAGS = ("-static", "-Os", "-s", "-Wall")
 CONSOLE_MAJOR, CONSOLE_MINOR = 5, 1
 SKIPPED_APPLETS = {"linuxrc", "sbin/init", "init"}  # /sbin/init is Ember's init
 DIRS = {"bin": 0o755, "sbin": 0o755, "usr/bin": 0o755, "usr/sbin": 0o755, "etc": 0o755,
@@ -84,7 +88,22 @@ def busybox_applets(path: Path = BUSYBOX) -> list[str]:
     return [a.strip("/") for a in out.stdout.split() if a.strip("/") not in SKIPPED_APPLETS]
 
 
-def rootfs_tree(busybox: Path = BUSYBOX) -> CpioArchive:
+def compile_vsock_helper(scratch: Path) -> bytes:
+    """Build ember-vsock (AF_VSOCK listen/connect helper) as a static binary with the host gcc."""
+    gcc = require_tools(HELPER_TOOLS)["gcc"]
+    source = scratch / VSOCK_HELPER_SOURCE
+    source.write_bytes(_package_file(VSOCK_HELPER_SOURCE))
+    binary = scratch / "ember-vsock"
+    done = subprocess.run([gcc, *HELPER_CFLAGS, "-o", str(binary), str(source)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EmberError(f"cannot compile the guest vsock helper: {done.stderr.strip()[-500:]}")
+    data = binary.read_bytes()
+    if not is_static_elf(data):
+        raise EmberError("the guest vsock helper did not link statically: install 'libc6-dev'")
+    return data
+
+
+def rootfs_tree(busybox: Path = BUSYBOX, vsock_helper: bytes | None = None) -> CpioArchive:
     """The whole guest tree as an archive (the single description of the rootfs)."""
     arc = CpioArchive()
     for path, mode in DIRS.items():
@@ -97,6 +116,8 @@ def rootfs_tree(busybox: Path = BUSYBOX) -> CpioArchive:
     arc.add_file("init", _package_file("init"), 0o755)
     arc.add_symlink("sbin/init", "/init")
     arc.add_file("sbin/ember-agent", _package_file("agent.sh"), 0o755)
+    if vsock_helper is not None:
+        arc.add_file(VSOCK_HELPER_PATH, vsock_helper, 0o755)
     for path, text in ETC_FILES.items():
         arc.add_file(path, text.encode(), 0o644)
     return arc
@@ -144,7 +165,7 @@ def make_ext4(entries: list[CpioEntry], image: Path, scratch: Path) -> None:
 
 
 def rootfs_key(busybox: Path = BUSYBOX) -> str:
-    """Cache key: busybox version + hash of init, agent, recipe and image size."""
+    """Cache key: busybox version + hash of init, agent, vsock helper source, recipe and image size."""
     try:
         out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", BUSYBOX_PACKAGE],
                              capture_output=True, text=True, check=True)
@@ -153,8 +174,8 @@ def rootfs_key(busybox: Path = BUSYBOX) -> str:
         version = "unknown"
     st = busybox.stat() if busybox.exists() else None
     bb_id = b"%d:%d" % (st.st_size, st.st_mtime_ns) if st else b"missing"
-    digest = cache.short_hash(_package_file("init"), _package_file("agent.sh"), RECIPE_VERSION,
-                              EXT4_SIZE.encode(), bb_id)
+    digest = cache.short_hash(_package_file("init"), _package_file("agent.sh"), _package_file(VSOCK_HELPER_SOURCE),
+                              RECIPE_VERSION, " ".join(HELPER_CFLAGS).encode(), EXT4_SIZE.encode(), bb_id)
     return f"busybox-{version}-{digest}"
 
 
@@ -184,8 +205,10 @@ def build_rootfs(progress: bool = True, busybox: Path = BUSYBOX) -> dict[str, Pa
         cache.remove_stale_builds(final.parent)
         with BuildProgress(f"rootfs {final.name}", enabled=progress, unit="files") as bar, \
                 cache.staging(final) as out:
+            bar.step("compiling the vsock helper")
+            helper = compile_vsock_helper(out.parent)
             bar.step("collecting busybox, init and agent")
-            tree = rootfs_tree(busybox)
+            tree = rootfs_tree(busybox, helper)
             bar.advance(len(tree))
             bar.step("writing initramfs")
             (out / INITRD_NAME).write_bytes(tree.to_gzip())

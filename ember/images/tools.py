@@ -31,6 +31,11 @@ ROOTFS_TOOLS: dict[str, str] = {
     "mkfs.ext4": "e2fsprogs",
     "debugfs": "e2fsprogs",
 }
+HELPER_TOOLS: dict[str, str] = {  # the guest's static C helpers (rootfs.py)
+    "gcc": "gcc",
+    "/usr/lib/x86_64-linux-gnu/libc.a": "libc6-dev",
+    "/usr/include/linux/vm_sockets.h": "linux-libc-dev",
+}
 SBIN_DIRS = ("/usr/sbin", "/sbin")
 
 

@@ -8,8 +8,10 @@ reports the rig's outcome for its node id (results via ember.rig.pytest_export).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -117,9 +119,8 @@ def modify_items(config: pytest.Config, items: list[pytest.Item], tests_root: Pa
             item.add_marker(getattr(pytest.mark, marker))
         if marker == "kvm" and not kvm_ok:
             item.add_marker(pytest.mark.skip(reason="tier kvm needs /dev/kvm, which this host lacks"))
-        elif top == "rig" and (in_rig or mode == "skip" or not _rig_available()):
-            item.add_marker(pytest.mark.skip(reason="tests of the rig run on the host only, with qemu"
-                                             if not in_rig else "tests of the rig do not run inside the rig"))
+        elif top == "rig" and (reason := _rig_test_skip(in_rig, mode, why)):
+            item.add_marker(pytest.mark.skip(reason=reason))
         elif top == RIG_SHIPPED_DIR and mode == "skip":
             item.add_marker(pytest.mark.skip(reason=f"system tier skipped: {why}"))
         elif top == RIG_SHIPPED_DIR and mode == "rig":
@@ -130,10 +131,19 @@ def modify_items(config: pytest.Config, items: list[pytest.Item], tests_root: Pa
         config.stash[_PREPARE_KEY] = prepare
 
 
-def _rig_available() -> bool:
-    from ember.rig import is_available
+def _rig_test_skip(in_rig: bool, mode: str, why: str) -> str | None:
+    """Why tests/rig (which boot QEMU on the host) cannot run here, or None."""
+    if in_rig:
+        return "tests of the rig run on the host, not inside the rig"
+    if mode == "skip":
+        return f"system tier skipped: {why}"
+    from ember.rig import require_available
 
-    return is_available()
+    try:
+        require_available()
+    except EmberError as exc:
+        return f"the rig is unavailable: {exc}"
+    return None
 
 
 def rig_results(session: pytest.Session) -> dict[str, Any]:
@@ -159,15 +169,17 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     capman = config.pluginmanager.getplugin("capturemanager")
     timeout = float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
     try:
-        with capman.global_and_fixture_disabled():
-            sys.stdout.write(f"\nember: running {len(nodeids)} system test(s) in one rig boot\n")
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            sys.stdout.write(f"\nember: building guest images, then running {len(nodeids)} system test(s) in one rig boot\n")
             sys.stdout.flush()
             prepare = config.stash.get(_PREPARE_KEY, None)
             if prepare is not None:
                 prepare()
             status = run(rig_pytest_argv(nodeids, results), cwd=config.rootpath, timeout=timeout, out_dir=out_dir)
+        if not results.exists():
+            return {"__rig__": {"longrepr": f"the rig's pytest wrote no results (exit status {status})"}}
+        return json.loads(results.read_text())
     except EmberError as exc:
         return {"__rig__": {"longrepr": f"the rig failed: {exc}"}}
-    if not results.exists():
-        return {"__rig__": {"longrepr": f"the rig's pytest wrote no results (exit status {status})"}}
-    return json.loads(results.read_text())
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)

@@ -179,3 +179,31 @@ def test_fmt_keeps_three_figures():
     assert report.fmt(1.2345) == "1.23"
     assert report.fmt(0.012345) == "0.0123"
     assert report.fmt(0) == "0"
+
+
+class _FakeConsole:
+    def __init__(self, lines):
+        self._lines = lines
+
+    def console_lines(self):
+        return self._lines
+
+    def console_tail(self):
+        return "\n".join(self._lines[-5:])
+
+
+def test_block_runs_must_copy_every_mib_both_ways():
+    from benchmarks.console import BenchError
+    from benchmarks.vmbench import block_command, check_dd
+
+    command = block_command(64)
+    assert "oflag=direct" in command and "iflag=direct" in command and "count=64" in command
+    check_dd("QEMU", _FakeConsole(["BLK-W0", "64+0 records in", "64+0 records out",
+                                   "64+0 records in", "64+0 records out"]), 64)
+    with pytest.raises(BenchError, match="did not copy"):
+        check_dd("QEMU", _FakeConsole(["dd: can't open '/dev/vda': Invalid argument"] * 2), 64)
+
+
+def test_qemu_names_its_virtio_devices_on_the_command_line():
+    qemu = vmm.qemu_argv(vmm.Launch(vmm.Guest("/k", "/i"), "true"))
+    assert qemu[qemu.index("-M") + 1] == "microvm,acpi=off"  # the guest kernel has no ACPI

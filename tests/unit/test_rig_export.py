@@ -60,3 +60,58 @@ def test_tiers_follow_directories(tmp_path: Path) -> None:
     assert tier_of(root / "rig" / "test_c.py", root) == ("system", "rig")
     assert tier_of(root / "unit" / "test_d.py", root) == (None, "unit")
     assert tier_of(tmp_path / "elsewhere.py", root) == (None, None)
+
+
+STAND_IN_CONFTEST = textwrap.dedent("""\
+    from pathlib import Path
+    import ember.rig.pytest_tiers as tiers
+
+    CANNED = {
+        "tests/system/test_s.py::test_pass": {"outcome": "passed", "longrepr": "", "reason": "", "duration": 1.0},
+        "tests/system/test_s.py::test_fail": {"outcome": "failed", "longrepr": "[call] boom in the rig", "reason": "", "duration": 1.0},
+        "tests/system/test_s.py::test_skip": {"outcome": "skipped", "longrepr": "", "reason": "no disk", "duration": 0.0},
+    }
+    SEEN = []
+
+    def fake_run(config, nodeids):
+        SEEN.append(nodeids)
+        assert len(SEEN) == 1, "the rig must boot once"
+        return CANNED
+
+    tiers._run_in_rig = fake_run
+
+    def pytest_collection_modifyitems(config, items):
+        tiers.modify_items(config, items, Path(__file__).parent / "tests")
+""")
+
+STAND_IN_TESTS = textwrap.dedent("""\
+    import pytest
+
+    @pytest.mark.skipif(True, reason="host-side skipif must not apply")
+    def test_pass():
+        raise AssertionError("the host must not run the body")
+
+    def test_fail():
+        pass
+
+    def test_skip():
+        pass
+
+    def test_missing():
+        pass
+""")
+
+
+def test_host_items_report_the_rig_outcomes(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(STAND_IN_CONFTEST)
+    (tmp_path / "tests" / "system").mkdir(parents=True)
+    (tmp_path / "tests" / "system" / "test_s.py").write_text(STAND_IN_TESTS)
+    env = {**__import__("os").environ, "EMBER_SYSTEM": "rig"}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-rA", "-p", "no:cacheprovider", "tests"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env)
+    out = done.stdout
+    assert done.returncode == 1, out + done.stderr
+    assert "2 failed, 1 passed, 1 skipped" in out, out
+    assert "boom in the rig" in out
+    assert "in the rig: no disk" in out
+    assert "did not run in the rig" in out
