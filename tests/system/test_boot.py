@@ -47,3 +47,17 @@ def test_guest_reboot_ends_the_vm_with_reboot_status():
 def test_guest_panic_is_reported():
     result = ember_run("--", "echo c > /proc/sysrq-trigger")
     assert result.returncode in (66,), (result.returncode, result.stdout[-2000:], result.stderr)
+
+
+def test_boot_from_the_ext4_root_file_system(tmp_path):
+    import shutil
+
+    from ember import images
+
+    rootfs = tmp_path / "rootfs.ext4"
+    shutil.copyfile(images.artifact_path("rootfs", build=False), rootfs)
+    result = ember_run("--rootfs", str(rootfs), "--", "mount | grep ' / '; echo written-on-root > /root/mark; sync")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "/dev/vda on / type ext4" in result.stdout
+    dumped = subprocess.run(["debugfs", "-R", "cat /root/mark", str(rootfs)], capture_output=True, text=True)
+    assert dumped.stdout.strip() == "written-on-root"
