@@ -14,6 +14,7 @@ import os
 import stat
 import struct
 
+from ember.devices.virtio.buffers import gather, scatter, split_views
 from ember.devices.virtio.device import VIRTIO_ID_BLOCK, VirtioDevice
 from ember.devices.virtio.queue import DescriptorChain, VirtqueueError
 from ember.errors import ConfigError
@@ -82,35 +83,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     if _libc.fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
-
-
-def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Split a scatter list after its first n bytes (fewer if it is shorter)."""
-    head: list[memoryview] = []
-    for i, view in enumerate(views):
-        if n <= 0:
-            return head, views[i:]
-        if len(view) > n:
-            return head + [view[:n]], [view[n:]] + views[i + 1:]
-        head.append(view)
-        n -= len(view)
-    return head, []
-
-
-def gather(views: list[memoryview]) -> bytes:
-    return b"".join(views)
-
-
-def scatter(views: list[memoryview], data: bytes) -> int:
-    """Copy data into the views in order; returns bytes copied."""
-    done = 0
-    for view in views:
-        if done >= len(data):
-            break
-        chunk = data[done:done + len(view)]
-        view[:len(chunk)] = chunk
-        done += len(chunk)
-    return done
 
 
 class BlockDevice(VirtioDevice):

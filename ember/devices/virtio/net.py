@@ -14,6 +14,7 @@ import struct
 import threading
 
 from ember.devices.backends.tap import TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, Tap
+from ember.devices.virtio.buffers import scatter
 from ember.devices.virtio.device import VIRTIO_ID_NET, VirtioDevice
 from ember.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
 from ember.errors import ConfigError
@@ -79,23 +80,6 @@ def parse_mac(mac: str | bytes | None) -> bytes:
 
 def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
-
-
-def undo_pops(queue: Virtqueue, count: int) -> None:
-    """Give back the last `count` chains popped, to be popped again later (rx only)."""
-    queue.state.next_avail = (queue.state.next_avail - count) & IDX_MASK
-
-
-def scatter(views: list[memoryview], data: memoryview) -> int:
-    """Copy data into the views in order; returns bytes copied."""
-    done = 0
-    for view in views:
-        if done >= len(data):
-            break
-        n = min(len(view), len(data) - done)
-        view[:n] = data[done:done + n]
-        done += n
-    return done
 
 
 class NetDevice(VirtioDevice):
@@ -252,7 +236,7 @@ class NetDevice(VirtioDevice):
         """Peek: is a receive chain posted? (A pop that is undone; it also arms EVENT_IDX.)"""
         if queue.pop() is None:
             return False
-        undo_pops(queue, 1)
+        queue.undo_pop(1)
         return True
 
     def _deliver(self, queue: Virtqueue) -> bool:
@@ -281,7 +265,7 @@ class NetDevice(VirtioDevice):
         while room < need:
             chain = queue.pop()
             if chain is None:
-                undo_pops(queue, len(chains))
+                queue.undo_pop(len(chains))
                 return None
             if chain.writable_len < NET_HDR_SIZE:
                 raise VirtqueueError(f"virtio-net rx chain of {chain.writable_len} writable bytes")
@@ -290,6 +274,6 @@ class NetDevice(VirtioDevice):
             if not self.mergeable:
                 break
         if room < need:
-            undo_pops(queue, 1)
+            queue.undo_pop(1)
             return []
         return chains

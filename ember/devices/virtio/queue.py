@@ -233,6 +233,10 @@ class Virtqueue:
         return _ChainWalker(self, head).walk()
 
     # -- used ring ------------------------------------------------------
+    def undo_pop(self, count: int) -> None:
+        """Give back the last ``count`` chains popped, unused: the next pops return them again."""
+        self.state.next_avail = (self.state.next_avail - count) & 0xFFFF
+
     def push_used(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes filled in."""
         if not self.active:

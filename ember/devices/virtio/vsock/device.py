@@ -17,8 +17,9 @@ import struct
 import threading
 from collections import deque
 
+from ember.devices.virtio.buffers import split_views
 from ember.devices.virtio.device import VIRTIO_ID_VSOCK, VirtioDevice
-from ember.devices.virtio.queue import DescriptorChain, Virtqueue, VirtqueueError
+from ember.devices.virtio.queue import DescriptorChain, VirtqueueError
 from ember.devices.virtio.vsock import packet as p
 from ember.devices.virtio.vsock.connection import Connection, State
 from ember.errors import ConfigError
@@ -42,24 +43,6 @@ IDX_MASK = 0xFFFF
 RX_BUDGET = 256  # packets to the guest per call before yielding to the loop
 TX_BUDGET = 256
 WRITE_RETRY_S = 0.005  # when the loop cannot watch for writability
-
-
-def split_views(views: list[memoryview], n: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Split a scatter list after its first n bytes."""
-    head: list[memoryview] = []
-    for i, view in enumerate(views):
-        if n <= 0:
-            return head, views[i:]
-        if len(view) > n:
-            return head + [view[:n]], [view[n:]] + views[i + 1:]
-        head.append(view)
-        n -= len(view)
-    return head, []
-
-
-def unpop(queue: Virtqueue) -> None:
-    """Give back the chain just popped, unused; the next pop returns it again."""
-    queue.state.next_avail = (queue.state.next_avail - 1) & IDX_MASK
 
 
 def write_views(views: list[memoryview], data: bytes) -> None:
@@ -461,7 +444,7 @@ class VsockDevice(VirtioDevice):
                     raise VirtqueueError(f"vsock rx chain of {chain.writable_len} writable bytes")
                 written = self._fill(chain)
                 if written is None:
-                    unpop(queue)
+                    queue.undo_pop(1)
                     continue
                 queue.push_used(chain.head, written)
                 sent += 1
