@@ -265,6 +265,15 @@ class MicroVM:
 
     # ---- running --------------------------------------------------------
     def _vcpu_main(self, loop: VcpuLoop) -> None:
+        try:
+            self._vcpu_life(loop)
+        except Exception as err:  # a vCPU thread must never die silently
+            log.exception("vCPU thread failed")
+            self._end(ExitInfo(ExitReason.ERROR, detail=f"vCPU thread failed: {err}"))
+        with self._lock:
+            self.exit_stats.merge(loop.stats)
+
+    def _vcpu_life(self, loop: VcpuLoop) -> None:
         while True:
             outcome = loop.run(lambda: self._exit is not None or self._paused)
             if outcome is not None:
@@ -281,8 +290,6 @@ class MicroVM:
                     loop.vcpu.immediate_exit = 0
                 if self._exit is not None:
                     break
-        with self._lock:
-            self.exit_stats.merge(loop.stats)
 
     def _on_boot_complete(self, timestamp_ns: int) -> None:
         self.boot_time_ns = timestamp_ns - self._started_ns

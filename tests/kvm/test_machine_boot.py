@@ -67,3 +67,16 @@ def test_stop_ends_a_running_guest(tmp_path):
     vm.stop()
     info = vm.wait(timeout=10)
     assert info is not None and info.reason is ExitReason.STOPPED
+
+
+def test_a_failing_vcpu_thread_ends_the_vm_with_an_error(tmp_path, monkeypatch):
+    from ember import vcpu_loop
+
+    def broken_run(self, should_return):
+        raise RuntimeError("decoder bug")
+
+    monkeypatch.setattr(vcpu_loop.VcpuLoop, "run", broken_run)
+    _, info, _ = boot(tmp_path, tk.halt_forever())
+    assert info.reason is ExitReason.ERROR
+    assert "decoder bug" in info.detail
+    assert info.exit_code == 70
