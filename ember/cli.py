@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="command for the default guest's init to run (then it powers off)")
 
     ex = sub.add_parser("exec", help="run a command in a running guest through its agent")
-    ex.add_argument("--agent-sock", required=True, metavar="PATH")
+    target = ex.add_mutually_exclusive_group(required=True)
+    target.add_argument("--agent-sock", metavar="PATH", help="the agent's serial-port socket (ember run --agent-sock)")
+    target.add_argument("--vsock", metavar="UDS_PATH", help="the VM's vsock Unix socket (ember run --vsock)")
     ex.add_argument("--timeout", type=float, default=60.0)
     ex.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND")
 
@@ -98,8 +100,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.subcommand == "run":
         return cmd_run(args, argv)
     if args.subcommand == "exec":
-        from ember.agent import run_command
-        return run_command(args.agent_sock, _strip_dashes(args.guest_command), timeout=args.timeout)
+        from ember.agent import run_command, run_command_vsock
+        command = _strip_dashes(args.guest_command)
+        if args.vsock:
+            return run_command_vsock(args.vsock, command, timeout=args.timeout)
+        return run_command(args.agent_sock, command, timeout=args.timeout)
     if args.subcommand == "images":
         return cmd_images(args)
     if args.subcommand == "rig":
