@@ -38,6 +38,8 @@ def _panel(ax, m: Measure) -> None:
     names = [name for name, _, _ in bars]
     ax.bar(names, medians, color=[c for _, _, c in bars], yerr=errors, capsize=4)
     ratio = "" if m.ratio is None else f" — ratio {m.ratio:.2f}"
+    if m.missing:
+        ratio += " — a run failed"
     ax.set_title(_wrap(f"{m.title} [{m.where}]{ratio}"), fontsize=8)
     ax.set_ylabel(f"{m.unit} ({m.better} is better)", fontsize=7)
     ax.tick_params(labelsize=7)
@@ -50,7 +52,7 @@ def draw(results: Results, path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [m for m in results.measures if m.ember and not m.missing]
+    shown = [m for m in results.measures if m.ember]
     if not shown:
         return None
     rows = (len(shown) + COLUMNS - 1) // COLUMNS

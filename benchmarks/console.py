@@ -28,8 +28,9 @@ class BenchError(Exception):
 class ConsoleProcess:
     """Spawn ``argv``; collect stdout lines with their arrival time and all of stderr."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, name: str | None = None) -> None:
         self.argv = argv
+        self.name = name or os.path.basename(argv[0])
         self._cond = threading.Condition()
         self._lines: list[tuple[int, str]] = []
         self._partial = b""
@@ -78,7 +79,8 @@ class ConsoleProcess:
                     break
                 self._cond.wait(timeout=left)
         why = "exited" if self._closed else f"did not print it within {timeout:g} s"
-        raise BenchError(f"{self.argv[0]}: waited for {marker!r} but the VMM {why}; "
+        last = self.console_tail(1).strip() or "(nothing)"
+        raise BenchError(f"{self.name}: waited for {marker!r} but the VMM {why}; last console line: {last!r}\n"
                          f"console tail:\n{self.console_tail()}\nstderr tail:\n{self.stderr_text()[-1500:]}")
 
     def console_lines(self) -> list[str]:

@@ -34,6 +34,7 @@ RFLAGS_RESERVED = 0x2
 C_SOURCE = Path(__file__).with_name("kvm_exit_floor.c")
 C_OUTPUT_RE = re.compile(r"exits=(\d+) ns=(\d+)")
 NS_PER_US = 1000
+FLOOR_TIMEOUT_S = 120
 
 
 def guest_code(exits: int) -> bytes:
@@ -116,7 +117,10 @@ def build_floor(directory: Path) -> Path:
 
 
 def floor_ns(binary: Path, exits: int) -> float:
-    done = subprocess.run([str(binary), str(exits)], capture_output=True, text=True)
+    try:
+        done = subprocess.run([str(binary), str(exits)], capture_output=True, text=True, timeout=FLOOR_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"C floor: {exits} exits took over {FLOOR_TIMEOUT_S} s") from None
     found = C_OUTPUT_RE.search(done.stdout)
     if done.returncode != 0 or not found:
         raise BenchError(f"C floor failed: {done.stderr.strip() or done.stdout.strip()}")

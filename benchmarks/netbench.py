@@ -85,11 +85,12 @@ def guest_command(mib: int) -> str:
 
 def tcp_once(vmm: str, guest: Guest, s: Settings, tap: Tap) -> float:
     """MiB/s of one guest → host transfer."""
+    subprocess.run(["ip", "neigh", "flush", "dev", tap.name], capture_output=True)
     sink = Sink(s.net_mib * MIB)
     try:
-        with ConsoleProcess(argv_for(vmm, Launch(guest, guest_command(s.net_mib), tap=tap))) as proc:
-            proc.wait_for(DONE_MARK, s.vm_timeout_s)
-            sink.thread.join(timeout=s.vm_timeout_s)
+        with ConsoleProcess(argv_for(vmm, Launch(guest, guest_command(s.net_mib), tap=tap)), name=vmm) as proc:
+            proc.wait_for(DONE_MARK, s.net_timeout_s)
+            sink.thread.join(timeout=s.net_timeout_s)
             proc.finish()
     finally:
         sink.close()

@@ -49,11 +49,12 @@ def target_text(m: Measure) -> str:
 
 
 def row(m: Measure) -> str:
-    if m.missing:
+    if m.missing and not m.ember:
         return f"| {m.title} | {m.where} | {m.missing} | | | | |"
     ratio = "" if m.ratio is None else f"{m.ratio:.2f}"
     reference = f"{m.reference_name}: {cell(m.reference)} {m.unit}" if m.reference else "—"
-    return (f"| {m.title} | {m.where} | {cell(m.ember)} {m.unit} | {reference} | {ratio} | {target_text(m)} "
+    verdict = f"✗ a run {m.missing} (the figures are the runs that completed)" if m.missing else target_text(m)
+    return (f"| {m.title} | {m.where} | {cell(m.ember)} {m.unit} | {reference} | {ratio} | {verdict} "
             f"| {m.better} |")
 
 
@@ -82,7 +83,7 @@ def notes(measures: list[Measure]) -> list[str]:
     """One line per distinct note, naming every measure it belongs to."""
     grouped: dict[str, list[str]] = {}
     for m in measures:
-        if m.note and not m.missing:
+        if m.note and (m.ember or not m.missing):
             titles = grouped.setdefault(m.note, [])
             if m.title not in titles:
                 titles.append(m.title)

@@ -15,19 +15,20 @@ class Settings:
     mem_mib: int = 256
     vcpus: int = 1
     disk_mib: int = 64
-    net_mib: int = 64
+    net_mib: int = 16
     exits: int = 20_000
     startup_runs: int = 10
     alive_s: float = 3.0       # how long the guest sleeps while its VMM's memory is sampled
     sample_after_s: float = 1.0  # when, after the boot marker, memory is sampled
     vm_timeout_s: float = 300.0
+    net_timeout_s: float = 180.0
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 DEFAULT = Settings()
-QUICK = Settings(runs=2, disk_mib=16, net_mib=16, exits=5_000, startup_runs=3)
+QUICK = Settings(runs=2, disk_mib=16, net_mib=8, exits=5_000, startup_runs=3)
 
 
 def choose(quick: bool, runs: int | None) -> Settings:

@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks import netbench, smaps
@@ -18,7 +19,8 @@ from benchmarks.console import BenchError, ConsoleProcess
 from benchmarks.progress import Steps
 from benchmarks.results import Measure, Results
 from benchmarks.settings import Settings
-from benchmarks.vmm import EMBER, QEMU_NAME, Disk, Guest, Launch, argv_for, ember_boot_ms, run_order
+from benchmarks.vmm import (EMBER, QEMU_NAME, Disk, Guest, Launch, argv_for, ember_boot_ms, ember_guest_boot_ms,
+                            run_order)
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +43,16 @@ def _append(measure: Measure, vmm: str, value: float) -> None:
     (measure.ember if vmm == EMBER else measure.reference).append(value)
 
 
-def boot_once(vmm: str, guest: Guest, s: Settings) -> tuple[float, float | None, smaps.MemorySplit]:
-    """(seconds to the boot marker, Ember's boot-timer ms or None, memory split while alive)."""
+def boot_once(vmm: str, guest: Guest, s: Settings) -> tuple[float, str, smaps.MemorySplit]:
+    """(seconds to the boot marker, the VMM's stderr, memory split while alive)."""
     command = f"echo {BOOT_MARK}; sleep {s.alive_s:g}; echo {DONE_MARK}"
-    with ConsoleProcess(argv_for(vmm, Launch(guest, command))) as proc:
+    with ConsoleProcess(argv_for(vmm, Launch(guest, command)), name=vmm) as proc:
         booted = proc.wait_for(BOOT_MARK, s.vm_timeout_s)
         time.sleep(s.sample_after_s)
         memory = smaps.sample(proc.pid, guest.mem_mib * MIB)
         proc.wait_for(DONE_MARK, s.vm_timeout_s)
         proc.finish(EXIT_GRACE_S[vmm])
-        own = ember_boot_ms(proc.stderr_text()) if vmm == EMBER else None
-    return booted, own, memory
+    return booted, proc.stderr_text(), memory
 
 
 def measure_boot(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
@@ -61,20 +62,29 @@ def measure_boot(results: Results, guest: Guest, s: Settings, where: str, steps:
                     note="Ember only: from the clock `ember run` reads as its CLI module loads (after the "
                     "interpreter's own start-up) to the guest's write of 123 at 0xd0000000")
     timer.reference_name = "—"
+    guest_only = _series(results, "boot_guest", "Guest boot, first KVM_RUN to init (Ember's boot timer)", "ms",
+                         "lower", where, note="Ember only: the guest's own boot, Ember's start-up left out")
+    guest_only.reference_name = "—"
     rss = _series(results, "rss_total", "VMM process RSS (total)", "MiB", "lower", where,
                   note=f"sampled {s.sample_after_s:g} s after the boot marker while the guest sleeps")
     overhead = _series(results, "rss_overhead", "VMM memory overhead (RSS minus guest RAM)", "MiB", "lower",
                        where, target=1.0)
     for index in range(s.runs):
         for vmm in run_order(index):
-            booted, own, memory = boot_once(vmm, guest, s)
+            booted, stderr, memory = boot_once(vmm, guest, s)
             _append(console, vmm, booted * 1000)
             _append(rss, vmm, memory.total_kib / KIB_PER_MIB)
             _append(overhead, vmm, memory.overhead_kib / KIB_PER_MIB)
-            if own is not None:
-                timer.ember.append(own)
+            if vmm == EMBER:
+                _record_ember_timers(stderr, timer, guest_only)
             steps.step(f"boot {vmm} run {index + 1}: {booted * 1000:.0f} ms, "
                        f"overhead {memory.overhead_kib / KIB_PER_MIB:.1f} MiB")
+
+
+def _record_ember_timers(stderr: str, timer: Measure, guest_only: Measure) -> None:
+    for measure, value in ((timer, ember_boot_ms(stderr)), (guest_only, ember_guest_boot_ms(stderr))):
+        if value is not None:
+            measure.ember.append(value)
 
 
 def block_command(mib: int) -> str:
@@ -89,7 +99,7 @@ def block_once(vmm: str, guest: Guest, s: Settings, image: Path) -> tuple[float,
     with open(image, "wb") as f:
         f.truncate(s.disk_mib * MIB)
     command = block_command(s.disk_mib)
-    with ConsoleProcess(argv_for(vmm, Launch(guest, command, disks=[Disk(str(image))]))) as proc:
+    with ConsoleProcess(argv_for(vmm, Launch(guest, command, disks=[Disk(str(image))])), name=vmm) as proc:
         start = proc.wait_for(WRITE_START, s.vm_timeout_s)
         written = proc.wait_for(WRITE_END, s.vm_timeout_s)
         read = proc.wait_for(READ_END, s.vm_timeout_s)
@@ -128,7 +138,8 @@ def _scratch_dir() -> str | None:
 
 def measure_net(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
     net = _series(results, "tcp_tx", "TCP guest → host over TAP", "MiB/s", "higher", where, 1.0,
-                  f"{s.net_mib} MiB from busybox nc to a host socket")
+                  f"{s.net_mib} MiB from busybox nc to a host socket on the TAP's address; both "
+                  "VMMs serve virtio-net in user space (QEMU's default, vhost off)")
     why = netbench.unavailable()
     if why is not None:
         net.missing = why
@@ -148,7 +159,19 @@ def vm_steps(s: Settings) -> int:
     return 3 * 2 * s.runs
 
 
-def run_vm_measures(results: Results, guest: Guest, s: Settings, where: str, steps: Steps) -> None:
-    measure_boot(results, guest, s, where, steps)
-    measure_block(results, guest, s, where, steps)
-    measure_net(results, guest, s, where, steps)
+def guarded(results: Results, steps: Steps, label: str, measure, *args) -> None:
+    """Run one measure; if it fails, its figures say so in the report and the suite goes on."""
+    first = len(results.measures)
+    try:
+        measure(results, *args)
+    except BenchError as err:
+        summary = str(err).splitlines()[0]
+        for m in results.measures[first:]:
+            m.missing = f"failed: {summary}"
+        steps.note(f"{label} failed, going on: {err}")
+
+
+def vm_measures(guest: Guest, s: Settings, where: str, steps: Steps) -> list[tuple[str, Callable, tuple]]:
+    """(label, function, arguments after ``results``) of each guest measure, in the order they run."""
+    return [("boot", measure_boot, (guest, s, where, steps)), ("block", measure_block, (guest, s, where, steps)),
+            ("TCP", measure_net, (guest, s, where, steps))]

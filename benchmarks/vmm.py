@@ -22,6 +22,7 @@ VMMS = (EMBER, QEMU_NAME)
 # as Ember does; the guest kernel has no ACPI, so with it the devices would be invisible.
 MICROVM = "microvm,acpi=off"
 EMBER_BOOT_RE = re.compile(r"boot time to init: ([0-9.]+) ms")
+EMBER_GUEST_BOOT_RE = re.compile(r"guest boot time: ([0-9.]+) ms from the first KVM_RUN")
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,10 @@ class Disk:
 
 @dataclass(frozen=True)
 class Tap:
-    """A TAP interface attached as the guest's virtio-net device (eth0)."""
+    """A TAP interface attached as the guest's virtio-net device (eth0), with one MAC for both VMMs."""
 
     name: str
+    mac: str = "02:00:0a:c8:00:02"  # the same MAC keeps the host's neighbour entry right from run to run
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ def ember_argv(launch: Launch) -> list[str]:
     for disk in launch.disks:
         argv += ["--drive", disk.path]
     if launch.tap is not None:
-        argv += ["--net", launch.tap.name]
+        argv += ["--net", f"{launch.tap.name},mac={launch.tap.mac}"]
     return [*argv, "--", launch.command]
 
 
@@ -86,7 +88,7 @@ def qemu_argv(launch: Launch) -> list[str]:
                  "-device", f"virtio-blk-device,drive=d{index}"]
     if launch.tap is not None:
         argv += ["-netdev", f"tap,id=n0,ifname={launch.tap.name},script=no,downscript=no",
-                 "-device", "virtio-net-device,netdev=n0"]
+                 "-device", f"virtio-net-device,netdev=n0,mac={launch.tap.mac}"]
     return argv
 
 
@@ -94,10 +96,15 @@ def argv_for(vmm: str, launch: Launch) -> list[str]:
     return ember_argv(launch) if vmm == EMBER else qemu_argv(launch)
 
 
-def ember_boot_ms(stderr: str) -> float | None:
+def ember_boot_ms(stderr: str, pattern: re.Pattern[str] = EMBER_BOOT_RE) -> float | None:
     """Ember's own boot-timer figure from `ember run --verbose` (None when absent)."""
-    found = EMBER_BOOT_RE.search(stderr)
+    found = pattern.search(stderr)
     return float(found.group(1)) if found else None
+
+
+def ember_guest_boot_ms(stderr: str) -> float | None:
+    """The part of it from the first KVM_RUN on: the guest's own boot, without Ember's start-up."""
+    return ember_boot_ms(stderr, EMBER_GUEST_BOOT_RE)
 
 
 def qemu_available() -> bool:

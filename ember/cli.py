@@ -77,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("host-check", help="report what the local KVM offers")
     sub.add_parser("firecracker", help="Firecracker-compatible VMM process (see --help)", add_help=False)
+    sub.add_parser("bench", help="benchmarks beside QEMU; writes docs/benchmarks.md", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from benchmarks import main as bench_main
+        return bench_main(argv[1:])
     if argv[:1] == ["firecracker"]:
         from ember.api.firecracker_cli import main as firecracker_main
         return firecracker_main(argv[1:], prog="ember firecracker")

@@ -101,6 +101,14 @@ def test_both_vmms_get_the_same_guest():
     assert "--net" not in ember and "-netdev" not in qemu
 
 
+def test_both_vmms_get_the_same_nic():
+    launch = vmm.Launch(vmm.Guest("/k", "/i"), "true", tap=vmm.Tap("tap9"))
+    ember, qemu = vmm.ember_argv(launch), vmm.qemu_argv(launch)
+    assert ember[ember.index("--net") + 1] == "tap9,mac=02:00:0a:c8:00:02"
+    assert qemu[qemu.index("-netdev") + 1].startswith("tap,id=n0,ifname=tap9,script=no")
+    assert "mac=02:00:0a:c8:00:02" in qemu[qemu.index("-netdev") + 3]
+
+
 def test_run_order_alternates():
     assert vmm.run_order(0) == ("Ember", "QEMU")
     assert vmm.run_order(1) == ("QEMU", "Ember")
@@ -109,6 +117,9 @@ def test_run_order_alternates():
 def test_ember_boot_figure_is_read_from_verbose_output():
     assert vmm.ember_boot_ms("guest poweroff (status 0); boot time to init: 9766.9 ms\n") == 9766.9
     assert vmm.ember_boot_ms("no figure") is None
+    text = "boot time to init: 900.5 ms\nguest boot time: 612.0 ms from the first KVM_RUN to init\n"
+    assert (vmm.ember_boot_ms(text), vmm.ember_guest_boot_ms(text)) == (900.5, 612.0)
+    assert vmm.ember_guest_boot_ms("boot time to init: 900.5 ms") is None
 
 
 def test_exit_guest_encodes_the_count():
@@ -207,3 +218,20 @@ def test_block_runs_must_copy_every_mib_both_ways():
 def test_qemu_names_its_virtio_devices_on_the_command_line():
     qemu = vmm.qemu_argv(vmm.Launch(vmm.Guest("/k", "/i"), "true"))
     assert qemu[qemu.index("-M") + 1] == "microvm,acpi=off"  # the guest kernel has no ACPI
+
+
+def test_a_failed_measure_is_reported_and_the_suite_goes_on():
+    from benchmarks.console import BenchError
+    from benchmarks.progress import Steps
+    from benchmarks.vmbench import guarded
+
+    def flaky(results, value):
+        results.add(Measure("tcp_tx", "TCP", "MiB/s", "higher", "rig", [value], target=1.0))
+        raise BenchError("Ember: waited for 'EMBER-BENCH-DONE' but the VMM did not print it\nconsole tail")
+
+    results = Results()
+    guarded(results, Steps(1, "test"), "TCP", flaky, 1.5)
+    assert results.measures[0].missing == ("failed: Ember: waited for 'EMBER-BENCH-DONE' but the VMM did "
+                                           "not print it")
+    text = report.render(results)
+    assert "✗ a run failed: Ember" in text and "| 1.50 MiB |" not in text and "1.50 MiB/s" in text

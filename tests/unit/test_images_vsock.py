@@ -17,7 +17,8 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 INIT = Path(str(resources.files("ember.images").joinpath("init")))
 AGENT = Path(str(resources.files("ember.images").joinpath("agent.sh")))
 MISSING = [t for t, _ in tools.HELPER_TOOLS.items() if tools.find_tool(t) is None]
-needs_cc = pytest.mark.skipif(bool(MISSING), reason=f"host C toolchain missing: {MISSING} (apt-get install gcc libc6-dev)")
+needs_cc = pytest.mark.skipif(bool(MISSING),
+                              reason=f"host C toolchain missing: {MISSING} (apt-get install gcc libc6-dev)")
 needs_busybox = pytest.mark.skipif(not Path(BUSYBOX).exists(),
                                    reason="busybox is not installed (apt-get install busybox-static)")
 
@@ -74,8 +75,10 @@ def test_missing_compiler_names_the_package(tmp_path, monkeypatch):
 def test_cache_key_follows_the_helper_source(monkeypatch):
     before = rootfs.rootfs_key()
     real = rootfs._package_file
-    monkeypatch.setattr(rootfs, "_package_file",
-                        lambda name: real(name) + b"\n/* changed */\n" if name == rootfs.VSOCK_HELPER_SOURCE else real(name))
+    def changed(name: str) -> bytes:
+        return real(name) + (b"\n/* changed */\n" if name == rootfs.VSOCK_HELPER_SOURCE else b"")
+
+    monkeypatch.setattr(rootfs, "_package_file", changed)
     assert rootfs.rootfs_key() != before
 
 
