@@ -56,8 +56,9 @@ def test_boot_from_the_ext4_root_file_system(tmp_path):
 
     rootfs = tmp_path / "rootfs.ext4"
     shutil.copyfile(images.artifact_path("rootfs", build=False), rootfs)
-    result = ember_run("--rootfs", str(rootfs), "--", "mount | grep ' / '; echo written-on-root > /root/mark; sync")
+    result = ember_run("--rootfs", str(rootfs), "--", "mount | grep ' / '; cat /proc/cmdline; echo written-on-root > /root/mark; sync")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
-    assert "/dev/vda on / type ext4" in result.stdout
+    assert " on / type ext4 (rw" in result.stdout  # the kernel names the root device /dev/root
+    assert "root=/dev/vda" in result.stdout
     dumped = subprocess.run(["debugfs", "-R", "cat /root/mark", str(rootfs)], capture_output=True, text=True)
     assert dumped.stdout.strip() == "written-on-root"
