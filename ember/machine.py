@@ -23,11 +23,7 @@ from ember.devices.bus import Bus
 from ember.devices.legacy.boot_timer import BootTimer
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial
-from ember.devices.virtio.block import BlockDevice
 from ember.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport, cmdline_param
-from ember.devices.virtio.net import NetDevice
-from ember.devices.virtio.rng import RngDevice
-from ember.devices.virtio.vsock import VsockDevice
 from ember.errors import EmberError
 from ember.eventloop import EventLoop
 from ember.exitstats import ExitStats
@@ -218,6 +214,12 @@ class MicroVM:
             self._closers.append(self.agent_bridge)
 
     def _build_virtio_devices(self) -> None:
+        # Imported here, so a VM only pays (in start-up time) for the device models it has.
+        from ember.devices.virtio.block import BlockDevice
+        from ember.devices.virtio.net import NetDevice
+        from ember.devices.virtio.rng import RngDevice
+        from ember.devices.virtio.vsock import VsockDevice
+
         self._virtio_params: list[str] = []
         drives = sorted(self.config.drives, key=lambda d: not d.is_root_device)  # the root drive is vda
         for drive in drives:

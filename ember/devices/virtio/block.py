@@ -49,7 +49,10 @@ RANGE_SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
 STATUS_SIZE = 1
 
-DEFAULT_QUEUE_SIZE = 256
+# 512 entries let seg_max (queue size - 2, since a chain may not outgrow the queue)
+# cover a whole 1 MiB request of scattered 4 KiB pages plus header and status:
+# with 256, Linux splits every 1 MiB I/O into a 254-page and a 2-page request.
+DEFAULT_QUEUE_SIZE = 512
 SIZE_MAX = 1 << 20  # largest single data segment we advertise
 MAX_RANGE_SEGMENTS = 32
 MAX_RANGE_SECTORS = 0x3FFFFF  # 2 GiB - 512 per discard / write-zeroes segment
