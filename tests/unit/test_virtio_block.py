@@ -12,17 +12,10 @@ from ember.devices.virtio.block import BlockDevice
 from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
 from ember.errors import ConfigError
 from ember.memory import GuestMemory
+from tests.fakes import RecordingIrq
 
 RAM = 4 << 20
 SECTORS = 64
-
-
-class RecordingIrq:
-    def __init__(self):
-        self.count = 0
-
-    def trigger(self):
-        self.count += 1
 
 
 OPEN_DISKS = []

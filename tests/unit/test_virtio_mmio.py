@@ -9,16 +9,9 @@ from ember.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1
 from ember.devices.virtio.rng import RngDevice
 from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
 from ember.memory import GuestMemory
+from tests.fakes import RecordingIrq
 
 RAM = 1 << 20
-
-
-class RecordingIrq:
-    def __init__(self):
-        self.count = 0
-
-    def trigger(self):
-        self.count += 1
 
 
 TRANSPORTS = []

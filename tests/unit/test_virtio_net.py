@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import selectors
 import socket
 import struct
 import threading
@@ -21,6 +20,8 @@ from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
 from ember.errors import ConfigError
 from ember.eventloop import EventLoop
 from ember.memory import GuestMemory
+from tests import fakes
+from tests.fakes import RecordingIrq
 
 RAM = 4 << 20
 MAC = "52:54:00:12:34:56"
@@ -29,49 +30,8 @@ ALL_FEATURES = None
 NO_MERGE = object()
 
 
-class RecordingIrq:
-    def __init__(self):
-        self.count = 0
-
-    def trigger(self):
-        self.count += 1
-
-
-class ManualLoop:
-    """The event-loop interface, pumped by hand so tests are deterministic."""
-
-    def __init__(self):
-        self.readers = {}
-        self.soon = []
-
-    def add_reader(self, fd, callback):
-        assert fd not in self.readers, "reader added twice"
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd):
-        self.readers.pop(fd, None)
-
-    def call_soon_threadsafe(self, callback):
-        self.soon.append(callback)
-
-    def pump(self, rounds=50, timeout=0.0):
-        """Run ready callbacks until nothing is ready (bounded: a spinning device fails)."""
-        for _ in range(rounds):
-            ready = self._ready(timeout)
-            soon, self.soon = self.soon, []
-            if not ready and not soon:
-                return
-            for callback in ready + soon:
-                callback()
-        raise AssertionError("event loop never went idle")
-
-    def _ready(self, timeout):
-        if not self.readers:
-            return []
-        with selectors.DefaultSelector() as sel:
-            for fd, callback in self.readers.items():
-                sel.register(fd, selectors.EVENT_READ, callback)
-            return [key.data for key, _ in sel.select(timeout)]
+class ManualLoop(fakes.ManualLoop):
+    ROUNDS = 50  # frames come in bounded bursts: a device still busy after 50 rounds is spinning
 
 
 class FakeTap(Tap):

@@ -121,7 +121,7 @@ def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
 
 def test_used_ring_and_wraparound(memory):
     queue, driver, _ = make_queue(memory, size=4)
-    for round_ in range(20):  # 80 requests through a 4-entry queue wraps the indices
+    for _round in range(20):  # 80 requests through a 4-entry queue wraps the indices
         heads = [driver.add_chain([Buffer(0x8000, 1, write=True)]) for _ in range(3)]
         for head in heads:
             chain = queue.pop()

@@ -6,16 +6,9 @@ from ember.devices.virtio import mmio
 from ember.devices.virtio.rng import RngDevice
 from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
 from ember.memory import GuestMemory
+from tests.fakes import RecordingIrq
 
 RAM = 1 << 20
-
-
-class RecordingIrq:
-    def __init__(self):
-        self.count = 0
-
-    def trigger(self):
-        self.count += 1
 
 
 @pytest.fixture()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import selectors
 import socket
 import time
 
@@ -19,66 +18,12 @@ from ember.devices.virtio.vsock import packet as p
 from ember.errors import ConfigError
 from ember.eventloop import EventLoop
 from ember.memory import GuestMemory
+from tests.fakes import ManualLoop, RecordingIrq
 
 RAM = 8 << 20
 CID = 3
 RX_BUF = 4096 + p.HEADER_SIZE
 GUEST_BUF_ALLOC = 256 * 1024
-
-
-class RecordingIrq:
-    def __init__(self):
-        self.count = 0
-
-    def trigger(self):
-        self.count += 1
-
-
-class ManualLoop:
-    """The event-loop interface (with writers), pumped by hand."""
-
-    def __init__(self):
-        self.readers, self.writers, self.soon = {}, {}, []
-
-    def add_reader(self, fd, callback):
-        assert fd not in self.readers, "reader added twice"
-        self.readers[fd] = callback
-
-    def remove_reader(self, fd):
-        self.readers.pop(fd, None)
-
-    def add_writer(self, fd, callback):
-        assert fd not in self.writers, "writer added twice"
-        self.writers[fd] = callback
-
-    def remove_writer(self, fd):
-        self.writers.pop(fd, None)
-
-    def call_soon_threadsafe(self, callback):
-        self.soon.append(callback)
-
-    def pump(self, rounds=200):
-        for _ in range(rounds):
-            ready = self._ready()
-            soon, self.soon = self.soon, []
-            if not ready and not soon:
-                return
-            for callback in ready + soon:
-                callback()
-        raise AssertionError("event loop never went idle")
-
-    def _ready(self):
-        with selectors.DefaultSelector() as sel:
-            for table, event in ((self.readers, selectors.EVENT_READ), (self.writers, selectors.EVENT_WRITE)):
-                for fd, callback in table.items():
-                    try:
-                        key = sel.get_key(fd)
-                        sel.modify(fd, key.events | event, key.data + [(event, callback)])
-                    except KeyError:
-                        sel.register(fd, event, [(event, callback)])
-            if not sel.get_map():
-                return []
-            return [cb for key, mask in sel.select(0) for event, cb in key.data if mask & event]
 
 
 class Guest:
