@@ -13,6 +13,7 @@ import threading
 from collections.abc import Callable
 
 from ember.devices.virtio.device import VIRTIO_ID_CONSOLE, VirtioDevice
+from ember.devices.virtio.queue import DescriptorChain
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,10 @@ class ConsoleDevice(VirtioDevice):
         return done
 
     def _transmit(self) -> None:
-        queue, pushed = self.queues[TRANSMITQ], False
-        while (chain := queue.pop()) is not None:
-            data = b"".join(chain.readable)
-            if data:
-                self.bytes_out += len(data)
-                self.output(data)
-            queue.push_used(chain.head, 0)
-            pushed = True
-        if pushed:
-            self.signal_used(TRANSMITQ)
+        self.consume_chains(TRANSMITQ, self._send)
+
+    def _send(self, chain: DescriptorChain) -> None:
+        data = b"".join(chain.readable)
+        if data:
+            self.bytes_out += len(data)
+            self.output(data)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
-from ember.devices.virtio.queue import Virtqueue
+from ember.devices.virtio.queue import DescriptorChain, Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,26 @@ class VirtioDevice:
     def process_queue(self, index: int) -> None:
         """The driver notified queue `index`; may raise VirtqueueError."""
         raise NotImplementedError
+
+    def consume_chains(self, index: int, handle: Callable[[DescriptorChain], None], *,
+                       budget: int | None = None, loop=None) -> None:
+        """Serve a queue whose buffers the device only reads: ``handle`` each chain, return it
+        with used length 0, and signal once for the lot (even when ``handle`` raises part way).
+
+        With a ``budget``, stop after that many chains and come back through ``loop`` once other
+        events had a turn, so one busy queue cannot starve the event loop.
+        """
+        queue, done = self.queues[index], 0
+        try:
+            while (budget is None or done < budget) and (chain := queue.pop()) is not None:
+                handle(chain)
+                queue.push_used(chain.head, 0)
+                done += 1
+        finally:
+            if done:
+                self.signal_used(index)
+        if done == budget:  # more may wait
+            loop.call_soon_threadsafe(lambda: self.kick(index))
 
     # -- config space ---------------------------------------------------------
     def config_bytes(self) -> bytes:

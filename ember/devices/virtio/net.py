@@ -166,17 +166,7 @@ class NetDevice(VirtioDevice):
 
     # -- transmit (5.1.6.2) -------------------------------------------------------------
     def _transmit(self) -> None:
-        queue, sent = self.queues[TX_QUEUE], 0
-        try:
-            while sent < TX_BUDGET and (chain := queue.pop()) is not None:
-                self._send(chain)
-                queue.push_used(chain.head, 0)
-                sent += 1
-        finally:
-            if sent:
-                self.signal_used(TX_QUEUE)
-        if sent == TX_BUDGET:  # more may wait: come back after other events had a turn
-            self.loop.call_soon_threadsafe(lambda: self.kick(TX_QUEUE))
+        self.consume_chains(TX_QUEUE, self._send, budget=TX_BUDGET, loop=self.loop)
 
     def _send(self, chain: DescriptorChain) -> None:
         length = chain.readable_len

@@ -291,17 +291,7 @@ class VsockDevice(VirtioDevice):
 
     # -- guest -> host (tx queue) -----------------------------------------------------------------
     def _transmit(self) -> None:
-        queue, done = self.queues[TX_QUEUE], 0
-        try:
-            while done < TX_BUDGET and (chain := queue.pop()) is not None:
-                self._handle_tx(chain)
-                queue.push_used(chain.head, 0)
-                done += 1
-        finally:
-            if done:
-                self.signal_used(TX_QUEUE)
-        if done == TX_BUDGET:
-            self.loop.call_soon_threadsafe(lambda: self.kick(TX_QUEUE))
+        self.consume_chains(TX_QUEUE, self._handle_tx, budget=TX_BUDGET, loop=self.loop)
 
     def _handle_tx(self, chain: DescriptorChain) -> None:
         header_views, rest = split_views(chain.readable, p.HEADER_SIZE)
