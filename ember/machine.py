@@ -203,8 +203,9 @@ class MicroVM:
                                     on_exit_status=self._on_exit_status)
         self.mmio_bus.register(layout.BOOT_TIMER_ADDR, layout.BOOT_TIMER_SIZE, self.boot_timer, name="boot-timer")
         if self._console_input_fd is not None:
+            stopped = ExitInfo(ExitReason.STOPPED, detail="console escape")
             self._console_in = ConsoleInput(self._console_input_fd, self.serial.enqueue_input,
-                                            on_quit=lambda: self._end(ExitInfo(ExitReason.STOPPED, detail="console escape")))
+                                            on_quit=lambda: self._end(stopped))
             self._closers.append(self._console_in)
             self.events.add_reader(self._console_in.fd, self._read_console)
         self._agent_clients: list = []

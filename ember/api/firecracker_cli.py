@@ -133,7 +133,7 @@ def _wait_for_vm(ctl: VmmController, stopper: _Stopper) -> int:
     while True:
         info = vm.wait(timeout=_POLL_S)
         if info is not None:
-            log.info("microVM exited: %s", getattr(info, "describe", lambda: info)())
+            log.info("microVM exited: %s", info.describe() if hasattr(info, "describe") else info)
             return exit_status(info)
         if stopper.event.is_set():
             log.warning("stopping the microVM on signal %s", stopper.signum)

@@ -35,7 +35,8 @@ def parse_level(name: str) -> int:
     try:
         return _LEVELS[name.lower()]
     except KeyError:
-        raise ConfigError(f"invalid log level {name!r}: expected one of Error, Warning, Info, Debug, Trace, Off") from None
+        raise ConfigError(f"invalid log level {name!r}: "
+                          "expected one of Error, Warning, Info, Debug, Trace, Off") from None
 
 
 def local_timestamp(ns: int | None = None) -> str:

@@ -16,7 +16,8 @@ from ember.rig.hostcheck import host_kvm
 
 def add_rig_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``ember rig [--timeout S] [--out DIR] [--memory MIB] [--cpus N] -- COMMAND...``."""
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds before the rig is stopped (exit 124)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help="seconds before the rig is stopped (exit 124)")
     parser.add_argument("--out", metavar="DIR", help="host directory whose writes inside the rig come back")
     parser.add_argument("--memory", type=int, default=4096, metavar="MIB", help="rig memory in MiB")
     parser.add_argument("--cpus", type=int, default=2, help="rig vCPUs")

@@ -175,7 +175,8 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     timeout = float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
     try:
         with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
-            sys.stdout.write(f"\nember: building guest images, then running {len(nodeids)} system test(s) in one rig boot\n")
+            sys.stdout.write(f"\nember: building guest images, then running {len(nodeids)} "
+                             "system test(s) in one rig boot\n")
             sys.stdout.flush()
             prepare = config.stash.get(_PREPARE_KEY, None)
             if prepare is not None:

@@ -84,8 +84,8 @@ class DescriptorChain:
         return sum(len(v) for v in self.writable)
 
 
-_LINKED = frozenset((VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE))
 _LINKED_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+_LINKED = frozenset((VIRTQ_DESC_F_NEXT, _LINKED_WRITE))  # the flags of every entry but the last
 
 
 @functools.lru_cache(maxsize=64)
@@ -211,7 +211,7 @@ class _ChainWalker:
         if last & ~VIRTQ_DESC_F_WRITE or not links <= _LINKED:
             return None
         readable = flags.count(VIRTQ_DESC_F_NEXT) + (0 if last else 1)
-        if VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE in links and flags.index(_LINKED_WRITE) != readable:
+        if _LINKED_WRITE in links and flags.index(_LINKED_WRITE) != readable:
             return None  # a readable entry after a writable one
         lengths = memoryview(raw).cast("I")[2::4].tolist()
         if 0 in lengths:
@@ -227,7 +227,7 @@ class _ChainWalker:
         low, high = min(starts), max(ends)
         try:
             region = self.queue.memory.find_region(low)
-        except (AttributeError, GuestMemoryError):
+        except GuestMemoryError:
             region = None
         if region is None or high > region.end:
             return [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
