@@ -3,6 +3,9 @@
 Loaded inside the rig (``-p ember.rig.pytest_export --ember-results=PATH``)
 so the host can report the rig's results as its own pytest results; uses
 pytest's reporting hooks (pytest_runtest_logreport, pytest_collectreport).
+The file is rewritten as each test starts and ends, so when the rig is
+stopped part-way the host still learns every finished outcome and which
+test was running (outcome ``running``).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 import pytest
 
 RESULTS_OPTION = "--ember-results"
-PHASES = ("setup", "call", "teardown")
+RUNNING = "running"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -39,6 +42,23 @@ class ResultExport:
     def _entry(self, nodeid: str) -> dict[str, Any]:
         return self.results.setdefault(nodeid, {"outcome": "passed", "longrepr": "", "reason": "", "duration": 0.0})
 
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.path)
+
+    @pytest.hookimpl
+    def pytest_runtest_logstart(self, nodeid: str) -> None:
+        self._entry(nodeid)["outcome"] = RUNNING
+        self.write()
+
+    @pytest.hookimpl
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        entry = self._entry(nodeid)
+        if entry["outcome"] == RUNNING:
+            entry["outcome"] = "passed"
+        self.write()
+
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         entry = self._entry(report.nodeid)
@@ -51,7 +71,7 @@ class ResultExport:
             if entry["outcome"] not in ("failed", "error"):
                 entry["outcome"] = outcome
             entry["longrepr"] += f"[{report.when}] {report.longreprtext}\n"
-        elif report.skipped and entry["outcome"] == "passed":
+        elif report.skipped and entry["outcome"] in (RUNNING, "passed"):
             entry.update(outcome="skipped", reason=_reason(report))
 
     @pytest.hookimpl
@@ -62,9 +82,7 @@ class ResultExport:
 
     @pytest.hookimpl
     def pytest_sessionfinish(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.path)
+        self.write()
 
 
 def pytest_configure(config: pytest.Config) -> None:

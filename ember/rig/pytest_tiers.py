@@ -21,12 +21,17 @@ from typing import Any
 import pytest
 
 from ember.errors import EmberError
+from ember.rig.pytest_export import RUNNING
+from ember.rig.qemu import TIMEOUT_STATUS
 
 TIER_DIRS = {"kvm": "kvm", "system": "system", "rig": "system"}
 RIG_SHIPPED_DIR = "system"
 MODE_ENV = "EMBER_SYSTEM"
 RIG_TIMEOUT_ENV = "EMBER_RIG_TIMEOUT"
 DEFAULT_RIG_TIMEOUT = 3600.0
+TEST_TIMEOUT_ENV = "EMBER_RIG_TEST_TIMEOUT"
+DEFAULT_TEST_TIMEOUT = 600  # one system test in the rig; the slowest takes about a minute
+RIG_KEY = "__rig__"
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
 _RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
@@ -69,7 +74,7 @@ class RigResultItem(pytest.Item):
         results = rig_results(self.session)
         entry = results.get(self.nodeid)
         if entry is None:
-            raise RigFailure(results.get("__rig__", {}).get("longrepr") or "did not run in the rig")
+            raise RigFailure(results.get(RIG_KEY, {}).get("longrepr") or "did not run in the rig")
         outcome = entry["outcome"]
         if outcome == "skipped":
             pytest.skip(f"in the rig: {entry['reason']}")
@@ -77,6 +82,8 @@ class RigResultItem(pytest.Item):
             pytest.xfail(entry["reason"])
         if outcome in ("failed", "error"):
             raise RigFailure(f"{outcome} in the rig:\n{entry['longrepr']}")
+        if outcome == RUNNING:
+            raise RigFailure(f"did not finish in the rig: {results.get(RIG_KEY, {}).get('longrepr', '')}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, RigFailure):
@@ -159,11 +166,25 @@ def rig_results(session: pytest.Session) -> dict[str, Any]:
 RIG_UNUSED_PLUGINS = ["-p", "no:schemathesis", "-p", "no:anyio", "-p", "no:hypothesispytest"]
 
 
-def rig_pytest_argv(nodeids: list[str], results: Path) -> list[str]:
-    """The pytest command the rig runs: the real system tests plus the result export."""
+def rig_pytest_argv(nodeids: list[str], results: Path, test_timeout: int = DEFAULT_TEST_TIMEOUT) -> list[str]:
+    """The pytest command the rig runs: the real system tests, each under a time
+    limit (pytest-timeout, whose signal method fails just that test with its
+    stack), plus the result export."""
     return [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *RIG_UNUSED_PLUGINS,
-            "-p", "ember.rig.pytest_export",
-            f"--ember-results={results}", "-o", "console_output_style=classic", *nodeids]
+            "-p", "ember.rig.pytest_export", f"--ember-results={results}",
+            f"--timeout={test_timeout}", "--timeout-method=signal", "-v",
+            "-o", "console_output_style=classic", *nodeids]
+
+
+def _rig_summary(status: int | None, timeout: float, results: dict[str, Any]) -> str:
+    """One line on how the rig's run ended, for tests that have no outcome of their own."""
+    running = [nodeid for nodeid, entry in results.items() if entry.get("outcome") == RUNNING]
+    if status == TIMEOUT_STATUS:
+        where = f" while {running[0]} was running" if running else ""
+        return f"the rig was stopped at its {timeout:g} s limit ({RIG_TIMEOUT_ENV}){where}"
+    if not results:
+        return f"the rig's pytest wrote no results (exit status {status})"
+    return f"the rig's pytest ended (exit status {status}) before this test ran"
 
 
 def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
@@ -179,13 +200,17 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                              "system test(s) in one rig boot\n")
             sys.stdout.flush()
             prepare = config.stash.get(_PREPARE_KEY, None)
-            if prepare is not None:
-                prepare()
-            status = run(rig_pytest_argv(nodeids, results), cwd=config.rootpath, timeout=timeout, out_dir=out_dir)
-        if not results.exists():
-            return {"__rig__": {"longrepr": f"the rig's pytest wrote no results (exit status {status})"}}
-        return json.loads(results.read_text())
-    except EmberError as exc:
-        return {"__rig__": {"longrepr": f"the rig failed: {exc}"}}
+            test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
+            try:
+                if prepare is not None:
+                    prepare()
+                status = run(rig_pytest_argv(nodeids, results, test_timeout), cwd=config.rootpath,
+                             timeout=timeout, out_dir=out_dir)
+                failure = None
+            except EmberError as exc:
+                status, failure = None, f"the rig failed: {exc}"
+        outcomes = json.loads(results.read_text()) if results.exists() else {}
+        outcomes[RIG_KEY] = {"longrepr": failure or _rig_summary(status, timeout, outcomes)}
+        return outcomes
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -168,7 +168,8 @@ def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO) -> int:
         proc.wait()
         for pump in pumps:
             pump.join(timeout=5)
-        stderr.write(f"ember rig: the command did not finish within {timeout:g} s; the rig was stopped\n")
+        stderr.write(f"ember rig: the command did not finish within {timeout:g} s; the rig was stopped. "
+                     f"Its console's last lines:\n{console_tail(run)}\n")
         stderr.flush()
         return TIMEOUT_STATUS
     for pump in pumps:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -53,6 +54,41 @@ def test_export_writes_one_result_per_test(tmp_path: Path) -> None:
     assert "fixture broke" in got["test_sample.py::test_setup_error"]["longrepr"]
 
 
+PROGRESS_SAMPLE = textwrap.dedent("""\
+    import json, os, time
+
+    def test_first():
+        pass
+
+    def test_sees_itself_running():
+        got = json.loads(open(os.environ["RESULTS"]).read())
+        assert got["test_progress.py::test_first"]["outcome"] == "passed"
+        assert got["test_progress.py::test_sees_itself_running"]["outcome"] == "running"
+
+    def test_hangs():
+        time.sleep(60)
+
+    def test_after_the_hang():
+        pass
+""")
+
+
+def test_export_is_written_as_tests_run_and_a_hung_test_fails_alone(tmp_path: Path) -> None:
+    """What the host needs when the rig is stopped part-way: finished outcomes,
+    and a test that outlives its time limit failing by itself, not the whole run."""
+    (tmp_path / "test_progress.py").write_text(PROGRESS_SAMPLE)
+    results = tmp_path / "results.json"
+    argv = rig_pytest_argv(["test_progress.py"], results, test_timeout=3)
+    done = subprocess.run([*argv, "-q"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "RESULTS": str(results)}, timeout=120)
+    got = {nodeid.split("::")[1]: entry for nodeid, entry in json.loads(results.read_text()).items()}
+    outcomes = {name: entry["outcome"] for name, entry in got.items()}
+    assert outcomes == {"test_first": "passed", "test_sees_itself_running": "passed",
+                        "test_hangs": "failed", "test_after_the_hang": "passed"}, done.stdout
+    assert "Timeout" in got["test_hangs"]["longrepr"]
+    assert "time.sleep(60)" in got["test_hangs"]["longrepr"]  # the stack says where it hung
+
+
 def test_tiers_follow_directories(tmp_path: Path) -> None:
     root = tmp_path / "tests"
     assert tier_of(root / "kvm" / "test_a.py", root) == ("kvm", "kvm")
@@ -70,6 +106,8 @@ STAND_IN_CONFTEST = textwrap.dedent("""\
         "tests/system/test_s.py::test_pass": {"outcome": "passed", "longrepr": "", "reason": "", "duration": 1.0},
         "tests/system/test_s.py::test_fail": {"outcome": "failed", "longrepr": "[call] boom in the rig", "reason": "", "duration": 1.0},
         "tests/system/test_s.py::test_skip": {"outcome": "skipped", "longrepr": "", "reason": "no disk", "duration": 0.0},
+        "tests/system/test_s.py::test_hung": {"outcome": "running", "longrepr": "", "reason": "", "duration": 0.0},
+        "__rig__": {"longrepr": "the rig was stopped at its 60 s limit"},
     }
     SEEN = []
 
@@ -97,6 +135,9 @@ STAND_IN_TESTS = textwrap.dedent("""\
     def test_skip():
         pass
 
+    def test_hung():
+        pass
+
     def test_missing():
         pass
 """)
@@ -111,7 +152,8 @@ def test_host_items_report_the_rig_outcomes(tmp_path: Path) -> None:
                           cwd=tmp_path, capture_output=True, text=True, env=env)
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
-    assert "2 failed, 1 passed, 1 skipped" in out, out
+    assert "3 failed, 1 passed, 1 skipped" in out, out
     assert "boom in the rig" in out
     assert "in the rig: no disk" in out
-    assert "did not run in the rig" in out
+    assert "did not finish in the rig: the rig was stopped at its 60 s limit" in out
+    assert out.count("the rig was stopped at its 60 s limit") >= 2  # the hung test and the one never reached
