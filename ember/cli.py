@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 
+from ember import stackdump
 from ember.errors import EmberError
 
 STARTED_NS = time.monotonic_ns()
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    stackdump.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         from benchmarks import main as bench_main

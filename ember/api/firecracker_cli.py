@@ -19,6 +19,7 @@ from typing import Any, Sequence
 
 from ember import __version__
 from ember import config as cfg
+from ember import stackdump
 from ember.api.controller import FIRECRACKER_API_VERSION, MachineFactory, VmmController, default_machine_factory
 from ember.api.logs import DEFAULT_INSTANCE_ID, LogSetup
 from ember.api.server import DEFAULT_MAX_PAYLOAD, ApiServer
@@ -202,6 +203,7 @@ def _run(args: argparse.Namespace, factory: MachineFactory | None) -> int:
 def main(argv: Sequence[str] | None = None, *, prog: str = "ember-firecracker",
          machine_factory: MachineFactory | None = None) -> int:
     """Entry point; returns the process exit status."""
+    stackdump.install()
     parser = build_parser(prog)
     try:
         args = parser.parse_args(argv)

@@ -29,6 +29,8 @@ DEFAULT_MAX_PAYLOAD = 51200
 SERVER_NAME = "Ember API"
 _CONNECTION_TIMEOUT_S = 300
 _POLL_INTERVAL_S = 0.05
+_DISCARD_LIMIT = 16 << 20
+_DISCARD_CHUNK = 64 << 10
 _API_THREAD = "fc_api"
 
 
@@ -69,9 +71,17 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(raw)
         limit = self.server.max_payload
         if length > limit:
+            self._discard(length)
             raise ApiError(f"Request payload with size {length} is larger than the limit of {limit} "
                            "allowed by server.", HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
         return self.rfile.read(length) if length else b""
+
+    def _discard(self, length: int) -> None:
+        """Read and drop a refused body, so that the client, still sending it, reads our
+        answer instead of a reset connection (bodies past _DISCARD_LIMIT just get the reset)."""
+        left = length if length <= _DISCARD_LIMIT else 0
+        while left > 0 and (chunk := self.rfile.read(min(left, _DISCARD_CHUNK))):
+            left -= len(chunk)
 
     def _reply(self, reply: Reply) -> None:
         payload = reply.encoded()

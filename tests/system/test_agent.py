@@ -9,11 +9,13 @@ import time
 
 import pytest
 
+from tests.system.vmproc import run_ember, wait_ember
+
 pytestmark = pytest.mark.system
 
 
 def ember(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ember", *args], capture_output=True, text=True, timeout=timeout)
+    return run_ember(*args, timeout=timeout)
 
 
 def test_exec_returns_stdout_stderr_and_status(tmp_path):
@@ -32,7 +34,7 @@ def test_exec_returns_stdout_stderr_and_status(tmp_path):
         second = ember("exec", "--agent-sock", sock, "--", "nproc")
         assert second.returncode == 0 and second.stdout.strip() == "2"
         ember("exec", "--agent-sock", sock, "--timeout", "10", "--", "poweroff")
-        assert vm.wait(timeout=60) == 0
+        assert wait_ember(vm, 60, tmp_path / "console.log") == 0
     finally:
         if vm.poll() is None:
             vm.kill()

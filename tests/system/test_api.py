@@ -17,6 +17,7 @@ import time
 import pytest
 
 from ember import images
+from tests.system.vmproc import wait_ember
 
 pytestmark = pytest.mark.system
 
@@ -64,7 +65,7 @@ def test_guest_configured_and_booted_with_curl_alone(tmp_path):
         assert curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"}) == (204, "")
         code, body = curl(sock, "PUT", "/boot-source", {"kernel_image_path": "/x"})
         assert code == 400 and "fault_message" in json.loads(body)
-        assert proc.wait(timeout=240) == 0
+        assert wait_ember(proc, 240, tmp_path / "console.log") == 0
         console = (tmp_path / "console.log").read_text(errors="replace")
         assert "booted-over-the-api\n2\n" in console.replace("\r", "")
     finally:

@@ -8,9 +8,10 @@ would type it.
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
+
+from tests.system.vmproc import run_ember
 
 pytestmark = pytest.mark.system
 
@@ -18,8 +19,7 @@ BOOT_TIMEOUT = 240
 
 
 def ember_run(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ember", "run", "--no-rig", *args],
-                          capture_output=True, timeout=timeout, text=True)
+    return run_ember("run", "--no-rig", *args, timeout=timeout)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.system.vmproc import run_ember
+
 pytestmark = pytest.mark.system
 
 BOOT_TIMEOUT = 300
@@ -80,8 +82,7 @@ def guest_net_up() -> str:
 
 
 def ember_run_in(inside: tuple[str, ...], script: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*inside, sys.executable, "-m", "ember", "run", "--no-rig", "--net", TAP, *extra,
-                           "--", script], capture_output=True, text=True, timeout=BOOT_TIMEOUT)
+    return run_ember("run", "--no-rig", "--net", TAP, *extra, "--", script, timeout=BOOT_TIMEOUT, prefix=inside)
 
 
 def test_guest_pings_the_host_side_of_its_tap():
