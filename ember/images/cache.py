@@ -18,12 +18,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ember.errors import EmberError
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "ember"
 TMP_PREFIX = ".tmp-"
 LOCK_NAME = ".lock"
 HASH_CHARS = 12
+IN_RIG_ENV = "EMBER_IN_RIG"
 
 
 def cache_dir() -> Path:
@@ -31,6 +34,14 @@ def cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or ""
     root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
     return root / APP_NAME
+
+
+def refuse_build_in_rig(final: Path) -> None:
+    """Guest images are built on the host: inside the rig's emulated CPU a kernel build
+    takes hours, so a miss there is a set-up error, reported at once."""
+    if os.environ.get(IN_RIG_ENV) == "1":
+        raise EmberError(f"{final} is not built, and building guest images inside the rig would take hours: "
+                         "run 'ember images build' on the host (with the same HOME and XDG_CACHE_HOME)")
 
 
 def short_hash(*parts: bytes) -> str:

@@ -153,8 +153,9 @@ def build_kernel(progress: bool = True, tarball: Path = SOURCE_TARBALL) -> dict[
     found = cached_kernel(tarball)
     if found:
         return found
-    require_tools(KERNEL_TOOLS)
     final = kernel_dir(tarball)
+    cache.refuse_build_in_rig(final)
+    require_tools(KERNEL_TOOLS)
     with cache.locked(final.parent):
         found = cached_kernel(tarball)
         if found:

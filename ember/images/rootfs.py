@@ -198,6 +198,7 @@ def build_rootfs(progress: bool = True, busybox: Path = BUSYBOX) -> dict[str, Pa
     if found:
         return found
     final = rootfs_dir(busybox)
+    cache.refuse_build_in_rig(final)
     with cache.locked(final.parent):
         found = cached_rootfs(busybox)
         if found:

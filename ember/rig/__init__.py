@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ember.errors import EmberError
 from ember.rig.command import command_script, init_settings, rig_environment, snapshot_table
-from ember.rig.qemu import QEMU, TIMEOUT_STATUS, RigRun, boot, make_run_dir
+from ember.rig.qemu import QEMU, TIMEOUT_STATUS, ProgressWatch, RigRun, boot, make_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ KEEP_ENV = "EMBER_RIG_KEEP"
 REQUIRED_TOOLS = {QEMU: "qemu-system-x86", "apt-cache": "apt", "apt-get": "apt",
                   "dpkg-deb": "dpkg", "depmod": "kmod"}
 
-__all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_STATUS", "is_available", "require_available", "run"]
+__all__ = ["DEFAULT_TIMEOUT", "TIMEOUT_STATUS", "ProgressWatch", "is_available", "require_available", "run"]
 
 
 def require_available() -> None:
@@ -57,8 +57,8 @@ def _prepare() -> tuple[Path, Path]:
 
 def run(argv: list[str], *, cwd: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT,
         out_dir: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None,
-        memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS) -> int:
-    """Run ``argv`` inside the rig and return its exit status (124: timed out).
+        memory_mib: int = DEFAULT_MEMORY_MIB, cpus: int = DEFAULT_CPUS, watch: ProgressWatch | None = None) -> int:
+    """Run ``argv`` inside the rig and return its exit status (124: timed out, or stalled per ``watch``).
 
     Output streams to sys.stdout/sys.stderr as it comes. ``env`` adds to the
     passed-through subset of os.environ. Files the command writes under
@@ -78,7 +78,7 @@ def run(argv: list[str], *, cwd: str | os.PathLike[str] | None = None, timeout: 
     (rig.ctl_dir / "rig.env").write_text(init_settings(str(out) if out else None))
     (rig.ctl_dir / "trees").write_text(snapshot_table([str(tree) for tree, _image in rig.snapshots]))
     try:
-        status = boot(rig, timeout, sys.stdout, sys.stderr)
+        status = boot(rig, timeout, sys.stdout, sys.stderr, watch)
     except EmberError:
         log.error("rig files kept in %s", rig.run_dir)
         raise

@@ -10,7 +10,9 @@ from __future__ import annotations
 import shlex
 from collections.abc import Mapping
 
-PASSED_ENV = ("PATH", "HOME", "TERM", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TZ", "USER", "LOGNAME")
+# XDG_CACHE_HOME: the rig must find the guest images where the host built them.
+PASSED_ENV = ("PATH", "HOME", "XDG_CACHE_HOME", "TERM", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "TZ",
+              "USER", "LOGNAME")
 PASSED_PREFIXES = ("EMBER_",)
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RIG_ENV = {"EMBER_IN_RIG": "1", "PYTHONUNBUFFERED": "1"}

@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ DEFAULT_RIG_TIMEOUT = 3600.0
 TEST_TIMEOUT_ENV = "EMBER_RIG_TEST_TIMEOUT"
 DEFAULT_TEST_TIMEOUT = 600  # one system test in the rig; the slowest takes about a minute
 RIG_KEY = "__rig__"
+STALL_GRACE_S = 120  # past a test's own limit, for pytest-timeout to fire and report inside the rig
+MAX_RIG_BOOTS = 3
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
 _RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
@@ -83,7 +86,7 @@ class RigResultItem(pytest.Item):
         if outcome in ("failed", "error"):
             raise RigFailure(f"{outcome} in the rig:\n{entry['longrepr']}")
         if outcome == RUNNING:
-            raise RigFailure(f"did not finish in the rig: {results.get(RIG_KEY, {}).get('longrepr', '')}")
+            raise RigFailure(f"did not finish in the rig: {entry['longrepr']}")
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, RigFailure):
@@ -177,40 +180,60 @@ def rig_pytest_argv(nodeids: list[str], results: Path, test_timeout: int = DEFAU
 
 
 def _rig_summary(status: int | None, timeout: float, results: dict[str, Any]) -> str:
-    """One line on how the rig's run ended, for tests that have no outcome of their own."""
+    """One line on how a rig boot ended, for tests that have no outcome of their own."""
     running = [nodeid for nodeid, entry in results.items() if entry.get("outcome") == RUNNING]
     if status == TIMEOUT_STATUS:
         where = f" while {running[0]} was running" if running else ""
-        return f"the rig was stopped at its {timeout:g} s limit ({RIG_TIMEOUT_ENV}){where}"
+        return f"the rig was stopped (its {timeout:g} s limit, or no progress for a test's limit and more){where}"
     if not results:
         return f"the rig's pytest wrote no results (exit status {status})"
     return f"the rig's pytest ended (exit status {status}) before this test ran"
 
 
 def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
-    from ember.rig import run
+    """Run the system tests in the rig; a boot that hangs is stopped once no test has
+    started or ended for longer than one test's limit, and the tests it never reached
+    get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier."""
+    from ember.rig import ProgressWatch, run
 
     out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
-    results = out_dir / RESULTS_NAME
     capman = config.pluginmanager.getplugin("capturemanager")
-    timeout = float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
+    deadline = time.monotonic() + float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
+    test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
+    outcomes: dict[str, Any] = {}
+    remaining = list(nodeids)
     try:
         with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
             sys.stdout.write(f"\nember: building guest images, then running {len(nodeids)} "
                              "system test(s) in one rig boot\n")
             sys.stdout.flush()
             prepare = config.stash.get(_PREPARE_KEY, None)
-            test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
-            try:
-                if prepare is not None:
-                    prepare()
-                status = run(rig_pytest_argv(nodeids, results, test_timeout), cwd=config.rootpath,
-                             timeout=timeout, out_dir=out_dir)
-                failure = None
-            except EmberError as exc:
-                status, failure = None, f"the rig failed: {exc}"
-        outcomes = json.loads(results.read_text()) if results.exists() else {}
-        outcomes[RIG_KEY] = {"longrepr": failure or _rig_summary(status, timeout, outcomes)}
+            for boot_number in range(1, MAX_RIG_BOOTS + 1):
+                results = out_dir / f"{boot_number}-{RESULTS_NAME}"
+                timeout = max(deadline - time.monotonic(), 1.0)
+                try:
+                    if prepare is not None:
+                        prepare()
+                        prepare = None
+                    status = run(rig_pytest_argv(remaining, results, test_timeout), cwd=config.rootpath,
+                                 timeout=timeout, out_dir=out_dir,
+                                 watch=ProgressWatch(results, test_timeout + STALL_GRACE_S))
+                    summary = None
+                except EmberError as exc:
+                    status, summary = None, f"the rig failed: {exc}"
+                got = json.loads(results.read_text()) if results.exists() else {}
+                summary = summary or _rig_summary(status, timeout, got)
+                for entry in got.values():
+                    if entry["outcome"] == RUNNING:
+                        entry["longrepr"] = summary
+                outcomes.update(got)
+                outcomes[RIG_KEY] = {"longrepr": summary}
+                remaining = [nodeid for nodeid in remaining if nodeid not in got]
+                if status != TIMEOUT_STATUS or not remaining or not got or time.monotonic() >= deadline:
+                    break
+                sys.stdout.write(f"\nember: {summary}; a fresh rig boot runs the "
+                                 f"{len(remaining)} test(s) it did not reach\n")
+                sys.stdout.flush()
         return outcomes
     finally:
         shutil.rmtree(out_dir, ignore_errors=True)

@@ -36,6 +36,7 @@ KERNEL_ARGS = ("console=ttyS0", "quiet", "loglevel=4", "panic=-1", "mitigations=
 TIMEOUT_STATUS = 124
 READ_CHUNK = 65536
 CONSOLE_TAIL_LINES = 20
+WATCH_POLL_S = 2.0
 
 
 @dataclass
@@ -142,8 +143,45 @@ def console_tail(run: RigRun) -> str:
     return "\n".join(lines[-CONSOLE_TAIL_LINES:]) or "(no console output)"
 
 
-def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO) -> int:
-    """Boot the rig, stream the command's output, return its exit status (124 on timeout)."""
+@dataclass
+class ProgressWatch:
+    """Stop the rig when ``path`` (a file the command rewrites as it goes) has not
+    changed for ``stall_s`` seconds: a hung rig then costs minutes, not the whole limit."""
+
+    path: Path
+    stall_s: float
+    _seen: tuple[int, int] | None = None
+    _since: float | None = None  # the first look, just after QEMU started
+
+    def stalled(self, now: float) -> bool:
+        try:
+            info = self.path.stat()
+            seen = (info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            seen = None
+        if seen != self._seen or self._since is None:
+            self._seen, self._since = seen, now
+        return now - self._since >= self.stall_s
+
+
+def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None) -> str | None:
+    """Wait for QEMU to exit; why it must be stopped instead, or None once it exited."""
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            return late
+        if watch is not None and watch.stalled(now):
+            return f"showed no progress in {watch.path.name} for {watch.stall_s:g} s"
+        try:
+            proc.wait(timeout=min(WATCH_POLL_S, deadline - now))
+            return None
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO, watch: ProgressWatch | None = None) -> int:
+    """Boot the rig, stream the command's output, return its exit status (124 when stopped:
+    past ``timeout``, or stalled by ``watch``)."""
     if shutil.which(QEMU) is None:
         raise EmberError(f"the rig needs {QEMU} (apt-get install qemu-system-x86)")
     out_r, out_w = os.pipe()
@@ -161,14 +199,13 @@ def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO) -> int:
     proc.stderr.close()
     for pump in pumps:
         pump.start()
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    why = _wait(proc, started + timeout, f"did not finish within {timeout:g} s", watch)
+    if why is not None:
         proc.kill()
         proc.wait()
         for pump in pumps:
             pump.join(timeout=5)
-        stderr.write(f"ember rig: the command did not finish within {timeout:g} s; the rig was stopped. "
+        stderr.write(f"ember rig: the command {why}; the rig was stopped. "
                      f"Its console's last lines:\n{console_tail(run)}\n")
         stderr.flush()
         return TIMEOUT_STATUS

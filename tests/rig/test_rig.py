@@ -17,6 +17,7 @@ import ember.rig as rig
 
 REPO = Path(__file__).resolve().parents[2]
 HANG_TIMEOUT = 30
+STALL_S = 15
 
 
 def test_exit_status_and_environment_come_back(capfd: pytest.CaptureFixture[str]) -> None:
@@ -49,6 +50,22 @@ def test_a_hung_command_is_stopped_at_the_limit(capfd: pytest.CaptureFixture[str
     assert status == rig.TIMEOUT_STATUS
     assert HANG_TIMEOUT <= took < HANG_TIMEOUT + 20
     assert f"did not finish within {HANG_TIMEOUT} s" in err
+
+
+def test_a_command_that_stops_making_progress_is_stopped_early(tmp_path: Path,
+                                                               capfd: pytest.CaptureFixture[str]) -> None:
+    """The watch sees writes made inside the rig (9p) and stops the rig once they cease."""
+    beat = tmp_path / "beat"
+    script = 'for i in 1 2 3; do echo "$i" > "$OUT/beat"; sleep 3; done; sleep 1000'
+    started = time.monotonic()
+    status = rig.run(["sh", "-c", script], timeout=240, out_dir=tmp_path, env={"OUT": str(tmp_path)},
+                     watch=rig.ProgressWatch(beat, stall_s=STALL_S))
+    took = time.monotonic() - started
+    _out, err = capfd.readouterr()
+    assert status == rig.TIMEOUT_STATUS, err
+    assert beat.read_text().strip() == "3"  # the beats were seen, so the clock ran from the last one
+    assert f"showed no progress in beat for {STALL_S} s" in err
+    assert 6 + STALL_S <= took < 120
 
 
 class _TimedSink(io.TextIOBase):

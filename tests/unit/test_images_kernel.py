@@ -52,6 +52,20 @@ def test_missing_source_names_the_package(tmp_path):
 
 
 @pytest.mark.timeout(3600)
+def test_no_guest_image_is_built_inside_the_rig(tmp_path, monkeypatch):
+    """A miss inside the rig is a set-up error at once, not hours of emulated compiling."""
+    from ember.images import build_rootfs
+
+    tarball = tmp_path / "linux-source-6.1.tar.xz"
+    tarball.write_bytes(b"not really a tarball")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("EMBER_IN_RIG", "1")
+    for build in (lambda: build_kernel(progress=False, tarball=tarball), lambda: build_rootfs(progress=False)):
+        with pytest.raises(EmberError, match="run 'ember images build' on the host"):
+            build()
+    assert not (tmp_path / "empty-cache").exists()
+
+
 def test_built_config_has_every_fragment_option():
     """Builds the real kernel (cached) and checks nothing in the fragment was dropped."""
     built = build_kernel(progress=False)

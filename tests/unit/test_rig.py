@@ -121,9 +121,10 @@ def test_command_script_reports_a_missing_cwd(tmp_path: Path) -> None:
 
 
 def test_rig_environment_passes_a_safe_subset() -> None:
-    env = rig_environment({"PATH": "/bin", "SECRET_TOKEN": "x", "EMBER_FOO": "1", "HOME": "/root"}, {"EXTRA": "y"})
-    assert env == {"PATH": "/bin", "EMBER_FOO": "1", "HOME": "/root", "EXTRA": "y",
-                   "EMBER_IN_RIG": "1", "PYTHONUNBUFFERED": "1"}
+    env = rig_environment({"PATH": "/bin", "SECRET_TOKEN": "x", "EMBER_FOO": "1", "HOME": "/root",
+                           "XDG_CACHE_HOME": "/ci/cache"}, {"EXTRA": "y"})
+    assert env == {"PATH": "/bin", "EMBER_FOO": "1", "HOME": "/root", "XDG_CACHE_HOME": "/ci/cache", "EXTRA": "y",
+                   "EMBER_IN_RIG": "1", "PYTHONUNBUFFERED": "1"}  # the cache: the rig finds the host's images
     with pytest.raises(ValueError):
         rig_environment({}, {"BAD NAME": "1"})
     with pytest.raises(ValueError):

@@ -106,7 +106,8 @@ STAND_IN_CONFTEST = textwrap.dedent("""\
         "tests/system/test_s.py::test_pass": {"outcome": "passed", "longrepr": "", "reason": "", "duration": 1.0},
         "tests/system/test_s.py::test_fail": {"outcome": "failed", "longrepr": "[call] boom in the rig", "reason": "", "duration": 1.0},
         "tests/system/test_s.py::test_skip": {"outcome": "skipped", "longrepr": "", "reason": "no disk", "duration": 0.0},
-        "tests/system/test_s.py::test_hung": {"outcome": "running", "longrepr": "", "reason": "", "duration": 0.0},
+        "tests/system/test_s.py::test_hung": {"outcome": "running", "longrepr": "the rig was stopped at its 60 s limit",
+                                              "reason": "", "duration": 0.0},
         "__rig__": {"longrepr": "the rig was stopped at its 60 s limit"},
     }
     SEEN = []
@@ -157,3 +158,57 @@ def test_host_items_report_the_rig_outcomes(tmp_path: Path) -> None:
     assert "in the rig: no disk" in out
     assert "did not finish in the rig: the rig was stopped at its 60 s limit" in out
     assert out.count("the rig was stopped at its 60 s limit") >= 2  # the hung test and the one never reached
+
+
+def test_progress_watch_fires_only_after_a_quiet_spell(tmp_path: Path) -> None:
+    from ember.rig.qemu import ProgressWatch
+
+    progress = tmp_path / "results.json"
+    watch = ProgressWatch(progress, stall_s=10)
+    assert not watch.stalled(100.0)  # the clock starts at the first look, file or not
+    assert not watch.stalled(109.0)
+    progress.write_text("{}")
+    assert not watch.stalled(109.5)  # a change restarts the clock
+    assert not watch.stalled(119.0)
+    assert watch.stalled(119.5)
+
+
+class _Config:
+    """The little of pytest.Config that _run_in_rig touches."""
+
+    def __init__(self, root: Path) -> None:
+        self.rootpath = root
+        self.stash: dict = {}
+        self.pluginmanager = self
+
+    def getplugin(self, name: str) -> None:
+        return None
+
+
+def test_a_hung_rig_boot_costs_one_test_and_the_rest_get_a_fresh_boot(tmp_path, monkeypatch, capsys) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    ids = [f"tests/system/test_s.py::test_{n}" for n in ("a", "hangs", "c", "d")]
+    boots: list[list[str]] = []
+
+    def fake_run(argv, *, cwd, timeout, out_dir, watch):
+        nodeids = [a for a in argv if a.startswith("tests/")]
+        boots.append(nodeids)
+        results = Path(next(a for a in argv if a.startswith("--ember-results=")).split("=", 1)[1])
+        assert watch.path == results and watch.stall_s == tiers.DEFAULT_TEST_TIMEOUT + tiers.STALL_GRACE_S
+        entry = {"longrepr": "", "reason": "", "duration": 1.0}
+        if len(boots) == 1:  # test_a passes, then test_hangs never ends: the watch stops the rig
+            results.write_text(json.dumps({ids[0]: {**entry, "outcome": "passed"},
+                                           ids[1]: {**entry, "outcome": "running"}}))
+            return ember.rig.TIMEOUT_STATUS
+        results.write_text(json.dumps({n: {**entry, "outcome": "passed"} for n in nodeids}))
+        return 0
+
+    monkeypatch.setattr(ember.rig, "run", fake_run)
+    got = tiers._run_in_rig(_Config(tmp_path), ids)
+    assert boots == [ids, ids[2:]]
+    assert {n: got[n]["outcome"] for n in ids} == {ids[0]: "passed", ids[1]: "running",
+                                                    ids[2]: "passed", ids[3]: "passed"}
+    assert f"while {ids[1]} was running" in got[ids[1]]["longrepr"]
+    assert "a fresh rig boot runs the 2 test(s) it did not reach" in capsys.readouterr().out
