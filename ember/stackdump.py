@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import faulthandler
 import signal
+import sys
 
 STACK_DUMP_SIGNAL = signal.SIGUSR2
 
 
 def install() -> None:
-    """Dump all threads' stacks on STACK_DUMP_SIGNAL (the process keeps running)."""
-    faulthandler.register(STACK_DUMP_SIGNAL, all_threads=True)
+    """Dump all threads' stacks to the process's standard error (fd 2, whatever sys.stderr
+    was replaced with) on STACK_DUMP_SIGNAL; the process keeps running."""
+    try:
+        faulthandler.register(STACK_DUMP_SIGNAL, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no usable fd 2 (closed, or not a file)
+        pass

@@ -120,18 +120,22 @@ def test_get_id(memory, image):
     assert data == b"rootfs".ljust(20, b"\0") and used == 21
 
 
+# indirect=True: Linux's layout, served from the chain's span columns (iovec.py);
+# indirect=False: the memoryview path. Both must answer alike.
+@pytest.mark.parametrize("indirect", [False, True])
 @pytest.mark.parametrize("sector,length", [(SECTORS, 512), (SECTORS - 1, 1024), (2**63, 512)])
-def test_out_of_range_is_ioerr(memory, image, sector, length):
+def test_out_of_range_is_ioerr(memory, image, sector, length, indirect):
     disk = Disk(memory, image)
-    status, _, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=sector, in_len=length)
-    assert status == block.VIRTIO_BLK_S_IOERR
-    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=sector, out=bytes(length))
+    status, _, used = disk.request(block.VIRTIO_BLK_T_IN, sector=sector, in_len=length, indirect=indirect)
+    assert (status, used) == (block.VIRTIO_BLK_S_IOERR, 1)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=sector, out=bytes(length), indirect=indirect)
     assert status == block.VIRTIO_BLK_S_IOERR
 
 
-def test_unaligned_length_is_ioerr(memory, image):
+@pytest.mark.parametrize("indirect", [False, True])
+def test_unaligned_length_is_ioerr(memory, image, indirect):
     disk = Disk(memory, image)
-    status, _, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=100)
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=100, indirect=indirect)
     assert status == block.VIRTIO_BLK_S_IOERR
 
 
@@ -141,13 +145,14 @@ def test_unsupported_type(memory, image):
     assert (status, used) == (block.VIRTIO_BLK_S_UNSUPP, 1)
 
 
-def test_read_only_drive(memory, image):
+@pytest.mark.parametrize("indirect", [False, True])
+def test_read_only_drive(memory, image, indirect):
     before = image.read_bytes()
     disk = Disk(memory, image, read_only=True)
     assert disk.driver.device_features() & block.VIRTIO_BLK_F_RO
-    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=0, out=bytes(512))
+    status, _, _ = disk.request(block.VIRTIO_BLK_T_OUT, sector=0, out=bytes(512), indirect=indirect)
     assert status == block.VIRTIO_BLK_S_IOERR
-    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=512)
+    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=512, indirect=indirect)
     assert status == block.VIRTIO_BLK_S_OK and data == before[:512]
     assert image.read_bytes() == before
 
@@ -204,6 +209,74 @@ def test_short_header_needs_reset(memory, image):
 def test_missing_image_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         BlockDevice(str(tmp_path / "nope.img"))
+
+
+def scattered_request(disk, rtype, sector, pages, out=b"", *, indirect):
+    """A Linux-style request whose data is ``pages`` separate 512-byte buffers, each
+    followed by a gap so that none merges with the next; returns (status, data, used)."""
+    d = disk.driver
+    header = d.buffer(struct.pack("<IIQ", rtype, 0, sector))
+    data = []
+    for index in range(pages):
+        data.append(d.buffer(out[index * 512:(index + 1) * 512] if out else 512, write=not out))
+        if not out:
+            disk.memory.write(data[-1].gpa, bytes(512))  # what a refused read must leave untouched
+        d.heap.alloc(512)  # the gap
+    status = d.buffer(1, write=True)
+    bufs = [header, *data, status]
+    head = disk.queue.add_indirect(bufs, d.heap) if indirect else disk.queue.add_chain(bufs)
+    d.kick(0)
+    [(used_head, used)] = disk.queue.take_used()
+    assert used_head == head
+    got = b"".join(disk.memory.read(b.gpa, b.length) for b in data) if not out else b""
+    return disk.memory.read(status.gpa, 1)[0], got, used
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sector=st.integers(0, SECTORS + 4), pages=st.integers(1, 12), seed=st.binary(min_size=1, max_size=8),
+       read_only=st.booleans())
+def test_span_path_and_view_path_agree(memory, image, sector, pages, seed, read_only):
+    """Scattered reads and writes: the iovec path (indirect) and the memoryview path
+    (direct chain) leave the same bytes in the image and the guest, with the same status."""
+    disk = Disk(memory, image, read_only=read_only)
+    payload = (seed * (pages * 512 // len(seed) + 1))[:pages * 512]
+    outcomes = []
+    for indirect in (True, False):
+        before = image.read_bytes()
+        wrote = scattered_request(disk, block.VIRTIO_BLK_T_OUT, sector, pages, payload, indirect=indirect)
+        written_image = image.read_bytes()
+        image.write_bytes(before)
+        read = scattered_request(disk, block.VIRTIO_BLK_T_IN, sector, pages, indirect=indirect)
+        outcomes.append((wrote, written_image, read))
+    assert outcomes[0] == outcomes[1]
+    (w_status, _, w_used), written_image, (r_status, data, r_used) = outcomes[0]
+    fits = sector + pages <= SECTORS
+    assert w_status == (block.VIRTIO_BLK_S_OK if fits and not read_only else block.VIRTIO_BLK_S_IOERR)
+    assert r_status == (block.VIRTIO_BLK_S_OK if fits else block.VIRTIO_BLK_S_IOERR)
+    if fits:
+        assert data == image.read_bytes()[sector * 512:(sector + pages) * 512] and r_used == pages * 512 + 1
+    if w_status == block.VIRTIO_BLK_S_OK:
+        assert written_image[sector * 512:(sector + pages) * 512] == payload
+    disk.transport.close()
+
+
+def test_a_short_vectored_read_is_finished_by_the_general_path(memory, image, monkeypatch):
+    from ember.devices.virtio import iovec
+
+    disk = Disk(memory, image)
+    real, calls = iovec.preadv, []
+
+    def half(fd, iov, offset):  # as if the file gave only part of the request
+        calls.append(len(iov) // 2)
+        iov = iov[:len(iov) // 2]
+        return real(fd, iov, offset)
+
+    monkeypatch.setattr(iovec, "preadv", half)
+    monkeypatch.setattr(block.iovec, "preadv", half)
+    status, data, used = scattered_request(disk, block.VIRTIO_BLK_T_IN, 2, 6, indirect=True)
+    assert calls == [6]  # the span path ran, and stopped short after three pages
+    assert (status, used) == (block.VIRTIO_BLK_S_OK, 6 * 512 + 1)
+    assert data == image.read_bytes()[2 * 512:8 * 512]
 
 
 def test_batch_of_requests_one_kick(memory, image):

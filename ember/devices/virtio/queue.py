@@ -13,11 +13,11 @@ import logging
 import operator
 import struct
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 
-from ember.memory import GuestMemoryError
+from ember.memory import GuestMemoryError, MemoryRegion
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +67,80 @@ class QueueState(msgspec.Struct):
     signalled_used: int = 0
 
 
-@dataclass
-class DescriptorChain:
-    """One request: the guest buffers the device may read, then write."""
+@dataclass(frozen=True, slots=True)
+class GuestSpans:
+    """A chain's buffers as columns of guest-physical starts and lengths, all in one RAM region.
 
-    head: int
-    readable: list[memoryview] = field(default_factory=list)
-    writable: list[memoryview] = field(default_factory=list)
+    The first ``readable`` spans are device-readable, the rest device-writable.
+    A device that moves bulk data (virtio-blk) builds the kernel's iovec array
+    straight from these columns, without a memoryview per buffer.
+    """
+
+    region: MemoryRegion
+    starts: list[int]
+    lengths: list[int]
+    readable: int
+
+    def views(self) -> list[memoryview]:
+        ram, base = self.region.view, self.region.gpa
+        return [ram[start - base:start - base + length] for start, length in zip(self.starts, self.lengths)]
+
+
+class DescriptorChain:
+    """One request: the guest buffers the device may read, then write.
+
+    ``readable`` and ``writable`` are lists of memoryviews. A chain parsed in
+    the common Linux layout also carries ``spans`` and makes those lists only
+    when a device first asks for them.
+    """
+
+    __slots__ = ("head", "spans", "_readable", "_writable")
+
+    def __init__(self, head: int, readable: list[memoryview] | None = None,
+                 writable: list[memoryview] | None = None, spans: GuestSpans | None = None) -> None:
+        self.head, self.spans = head, spans
+        lazy = spans is not None and readable is None and writable is None
+        self._readable = None if lazy else (readable if readable is not None else [])
+        self._writable = None if lazy else (writable if writable is not None else [])
+
+    def _materialize(self) -> None:
+        views = self.spans.views()
+        self._readable, self._writable = views[:self.spans.readable], views[self.spans.readable:]
+
+    @property
+    def readable(self) -> list[memoryview]:
+        if self._readable is None:
+            self._materialize()
+        return self._readable
+
+    @readable.setter
+    def readable(self, views: list[memoryview]) -> None:
+        self._readable = views
+
+    @property
+    def writable(self) -> list[memoryview]:
+        if self._writable is None:
+            self._materialize()
+        return self._writable
+
+    @writable.setter
+    def writable(self, views: list[memoryview]) -> None:
+        self._writable = views
 
     @property
     def readable_len(self) -> int:
-        return sum(len(v) for v in self.readable)
+        if self._readable is None:
+            return sum(self.spans.lengths[:self.spans.readable])
+        return sum(len(v) for v in self._readable)
 
     @property
     def writable_len(self) -> int:
-        return sum(len(v) for v in self.writable)
+        if self._writable is None:
+            return sum(self.spans.lengths[self.spans.readable:])
+        return sum(len(v) for v in self._writable)
+
+    def __repr__(self) -> str:
+        return f"DescriptorChain(head={self.head}, readable={self.readable_len} B, writable={self.writable_len} B)"
 
 
 _LINKED_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
@@ -217,22 +276,21 @@ class _ChainWalker:
         if 0 in lengths:
             return None
         starts = memoryview(raw).cast("Q")[0::2].tolist()
-        views = self._views(starts, lengths)
+        region = self._region_holding(starts, lengths)
+        if region is not None:  # checked once for all; views are made only if a device asks
+            return DescriptorChain(self.chain.head, spans=GuestSpans(region, starts, lengths, readable))
+        views = [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
         self.chain.readable, self.chain.writable = views[:readable], views[readable:]
         return self.chain
 
-    def _views(self, starts: list[int], lengths: list[int]) -> list[memoryview]:
-        """Bounds-checked views of many guest buffers, looked up once when they share a RAM region."""
-        ends = list(map(operator.add, starts, lengths))
-        low, high = min(starts), max(ends)
+    def _region_holding(self, starts: list[int], lengths: list[int]) -> MemoryRegion | None:
+        """The one RAM region that holds every buffer, or None (each is then checked alone)."""
+        low, high = min(starts), max(map(operator.add, starts, lengths))
         try:
             region = self.queue.memory.find_region(low)
         except GuestMemoryError:
-            region = None
-        if region is None or high > region.end:
-            return [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
-        ram, base = region.view, region.gpa
-        return [ram[start - base:end - base] for start, end in zip(starts, ends)]
+            return None
+        return region if region is not None and high <= region.end else None
 
     def _indirect_table(self, addr: int, length: int, flags: int) -> bytes:
         """A private copy of an indirect table, so the guest cannot change it under the walk."""
