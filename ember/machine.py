@@ -23,12 +23,14 @@ from ember.devices.bus import Bus
 from ember.devices.legacy.boot_timer import BootTimer
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial
-from ember.devices.virtio.mmio import REG_QUEUE_NOTIFY, VirtioMmioTransport, cmdline_param
+from ember.devices.virtio.mmio import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY, REG_SIZE, VirtioMmioTransport, cmdline_param
 from ember.errors import EmberError
 from ember.eventloop import EventLoop
 from ember.exitstats import ExitStats
 from ember.interrupts import IrqfdLine
 from ember.kvm import Kvm
+from ember.kvm.coalesced import CoalescedMmioRing
+from ember.kvm.structs import KVM_CAP_COALESCED_MMIO
 from ember.memory import GuestMemory
 from ember.outcome import ExitInfo, ExitReason
 from ember.vcpu_loop import VcpuLoop
@@ -177,11 +179,13 @@ class MicroVM:
             self.memory, kernel_path=boot.kernel_image_path, initrd_path=boot.initrd_path,
             cmdline=cmdline, mem_size=mem_size, vcpu_count=mc.vcpu_count)
         supported = self.kvm.get_supported_cpuid()
+        ring = None
         for index in range(mc.vcpu_count):
             vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu)
             x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported)
-            self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats()))
+            ring = ring or self._coalesce_interrupt_acks(vcpu)
+            self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats(), ring))
         log.info("built microVM: %d vCPU(s), %d MiB, cmdline %r", mc.vcpu_count, mc.mem_size_mib, cmdline)
 
     def _irq(self, gsi: int) -> IrqfdLine:
@@ -218,6 +222,7 @@ class MicroVM:
         # Each device model is imported only when the VM has one: start-up time is
         # mostly imports, several seconds of them under an emulated CPU.
         self._virtio_params: list[str] = []
+        self._virtio_windows: list[int] = []
         drives = sorted(self.config.drives, key=lambda d: not d.is_root_device)  # the root drive is vda
         if drives:
             from ember.devices.virtio.block import BlockDevice
@@ -253,8 +258,26 @@ class MicroVM:
             notifier = QueueNotifier(self.vm, self.events, transport, base + REG_QUEUE_NOTIFY, queue)
             self._closers.append(notifier)
         self._virtio_params.append(cmdline_param(base, size, gsi))
+        self._virtio_windows.append(base)
         self.virtio_devices[name] = transport
         return transport
+
+    def _coalesce_interrupt_acks(self, vcpu) -> CoalescedMmioRing | None:
+        """Let the guest's InterruptACK writes (one per virtio interrupt) skip their exit.
+
+        KVM queues them in the coalesced MMIO ring and the vCPU loop replays them
+        before the next exit, which is always soon: the next InterruptStatus read
+        exits. The transport's acknowledgement rule keeps a late ACK from hiding a
+        newer interrupt (mmio.py). None where KVM lacks the ring.
+        """
+        page = self.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
+        if page <= 0 or not self.virtio_devices:
+            return None
+        ring = CoalescedMmioRing(vcpu.fd, page)
+        self._closers.append(ring)
+        for window in self._virtio_windows:
+            self.vm.register_coalesced_mmio(window + REG_INTERRUPT_ACK, REG_SIZE)
+        return ring
 
     def _agent_output(self, data: bytes) -> None:
         bridge = getattr(self, "agent_bridge", None)

@@ -237,6 +237,10 @@ class kvm_irqfd(_Struct):
                 ("resamplefd", u32), ("pad", u8 * 16)]
 
 
+class kvm_coalesced_mmio_zone(_Struct):
+    _fields_ = [("addr", u64), ("size", u32), ("pio", u32)]  # pio aliases pad
+
+
 class kvm_ioeventfd(_Struct):
     _fields_ = [("datamatch", u64), ("addr", u64), ("len", u32),
                 ("fd", s32), ("flags", u32), ("pad", u8 * 36)]

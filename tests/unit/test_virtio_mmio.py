@@ -90,6 +90,23 @@ def test_notify_interrupt_and_ack(rig):
     assert driver.read32(mmio.REG_INTERRUPT_STATUS) == 0
 
 
+def test_a_late_ack_never_hides_an_interrupt_raised_after_the_drivers_read(rig):
+    """The driver's ACK may reach the device late (KVM's coalesced MMIO ring): it clears
+    only what the driver read, so news that came after the read stays visible."""
+    transport, driver, irq = rig
+    (queue,) = driver.start(features=VIRTIO_F_VERSION_1)  # no EVENT_IDX: every completion interrupts
+    queue.add_chain([driver.buffer(8, write=True)])
+    driver.kick(0)
+    assert driver.read32(mmio.REG_INTERRUPT_STATUS) == mmio.INT_USED_BUFFER  # the ISR's read...
+    queue.add_chain([driver.buffer(8, write=True)])
+    driver.kick(0)  # ...a second completion and interrupt...
+    driver.write32(mmio.REG_INTERRUPT_ACK, mmio.INT_USED_BUFFER)  # ...then the ACK of the first
+    assert irq.count == 2
+    assert driver.read32(mmio.REG_INTERRUPT_STATUS) == mmio.INT_USED_BUFFER  # the second is not lost
+    driver.write32(mmio.REG_INTERRUPT_ACK, mmio.INT_USED_BUFFER)
+    assert driver.read32(mmio.REG_INTERRUPT_STATUS) == 0
+
+
 def test_notify_from_event_loop_path(rig):
     transport, driver, irq = rig
     (queue,) = driver.start()

@@ -3,6 +3,11 @@
 Decodes the register window (4.2.2), runs device status and feature
 negotiation (2.1, 2.2, 3.1), sets up queues and raises interrupts. A guest
 that breaks the protocol gets DEVICE_NEEDS_RESET (2.1.2), never an exception.
+
+InterruptACK clears only what the driver has read from InterruptStatus since
+the bit was last raised: Ember lets KVM queue ACK writes (coalesced MMIO) and
+replays them late, and a late ACK must not hide an interrupt raised after the
+driver's read. At worst the driver sees one interrupt with nothing new to do.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ class TransportState(msgspec.Struct):
     driver_features: int = 0
     queue_sel: int = 0
     interrupt_status: int = 0
+    interrupt_seen: int = 0  # the InterruptStatus bits the driver read, not raised again since
     config_generation: int = 0
     queues: list[QueueState] = []
     device: DeviceState | None = None
@@ -159,7 +165,11 @@ class VirtioMmioTransport:
         return self.queues[sel] if sel < len(self.queues) else None
 
     def _read_register(self, offset: int) -> int:
-        s, queue = self.state, self._selected_queue()
+        s = self.state
+        if offset == REG_INTERRUPT_STATUS:  # the hot one: every interrupt reads it
+            s.interrupt_seen = s.interrupt_status
+            return s.interrupt_status
+        queue = self._selected_queue()
         if offset == REG_DEVICE_FEATURES:
             return self.device_features >> (32 * s.device_features_sel) if s.device_features_sel < 2 else 0
         if offset in _QUEUE_ADDRESS_REGS and queue is not None:
@@ -169,7 +179,7 @@ class VirtioMmioTransport:
             return NO_SHM_REGION
         simple = {
             REG_MAGIC: MAGIC_VALUE, REG_VERSION: VERSION, REG_DEVICE_ID: self.device.device_id,
-            REG_VENDOR_ID: VENDOR_ID, REG_INTERRUPT_STATUS: s.interrupt_status, REG_STATUS: s.status,
+            REG_VENDOR_ID: VENDOR_ID, REG_STATUS: s.status,
             REG_CONFIG_GENERATION: s.config_generation,
             REG_QUEUE_NUM_MAX: queue.state.max_size if queue else 0,
             REG_QUEUE_READY: int(queue.state.ready) if queue else 0,
@@ -189,7 +199,8 @@ class VirtioMmioTransport:
         elif offset == REG_QUEUE_NOTIFY:
             self.notify(value)
         elif offset == REG_INTERRUPT_ACK:
-            s.interrupt_status &= ~value
+            s.interrupt_status &= ~(value & s.interrupt_seen)
+            s.interrupt_seen &= ~value
         elif offset == REG_STATUS:
             self._write_status(value)
         elif offset in (REG_QUEUE_NUM, REG_QUEUE_READY) or offset in _QUEUE_ADDRESS_REGS:
@@ -321,6 +332,7 @@ class VirtioMmioTransport:
 
     def _interrupt(self, reason: int) -> None:
         self.state.interrupt_status |= reason
+        self.state.interrupt_seen &= ~reason  # news the driver has not read yet
         self.irq.trigger()
 
     def _fail(self, exc: Exception) -> None:

@@ -1,0 +1,79 @@
+"""Coalesced MMIO on /dev/kvm: writes to a registered zone queue in the ring without
+exiting, and the vCPU loop replays them, in order, before the exit that follows."""
+
+from __future__ import annotations
+
+import pytest
+
+from ember.devices.bus import Bus
+from ember.exitstats import ExitStats
+from ember.kvm import structs as s
+from ember.kvm.coalesced import CoalescedMmioRing
+from ember.outcome import ExitReason
+from ember.vcpu_loop import VcpuLoop
+from tests.guests import AX, KVM_SKIP_REASON, Asm, MicroGuest, kvm_usable
+
+pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not kvm_usable(), reason=KVM_SKIP_REASON)]
+
+MMIO_BASE = 0xD000_0000
+ACK = 0x64      # coalesced, like virtio-mmio's InterruptACK
+STATUS = 0x70   # an ordinary register: its write exits
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.writes: list[tuple[int, int]] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self.writes.append((offset, int.from_bytes(data, "little")))
+
+
+def guest_code() -> bytes:
+    asm = Asm()
+    for value in (0x11, 0x22, 0x33):
+        asm.mov32(AX, value).store(ACK, 4, es=True)
+    return asm.mov32(AX, 0x99).store(STATUS, 4, es=True).hlt().bytes()
+
+
+def ring_for(guest: MicroGuest) -> CoalescedMmioRing:
+    page = guest.kvm.check_extension(s.KVM_CAP_COALESCED_MMIO)
+    assert page > 0, "this KVM has no coalesced MMIO ring"
+    guest.vm.register_coalesced_mmio(MMIO_BASE + ACK, 4)
+    return CoalescedMmioRing(guest.vcpus[0].fd, page)
+
+
+def test_zone_writes_wait_in_the_ring_while_other_writes_exit():
+    with MicroGuest(guest_code()) as guest:
+        guest.set_segment_base("es", MMIO_BASE)
+        ring = ring_for(guest)
+        try:
+            assert guest.run_until_exit() == s.KVM_EXIT_MMIO  # the first exit is the STATUS write
+            addr, is_write, data = guest.vcpus[0].mmio()
+            assert (addr, is_write, int.from_bytes(data, "little")) == (MMIO_BASE + STATUS, True, 0x99)
+            replayed: list[tuple[int, bytes]] = []
+            assert ring.pending()
+            assert ring.drain(lambda a, d: replayed.append((a, d))) == 3
+            assert replayed == [(MMIO_BASE + ACK, v.to_bytes(4, "little")) for v in (0x11, 0x22, 0x33)]
+            assert not ring.pending() and ring.drain(lambda a, d: None) == 0
+        finally:
+            ring.close()
+
+
+def test_the_vcpu_loop_replays_queued_writes_before_the_exit_after_them():
+    with MicroGuest(guest_code()) as guest:
+        guest.set_segment_base("es", MMIO_BASE)
+        ring = ring_for(guest)
+        device, bus = Recorder(), Bus()
+        bus.register(MMIO_BASE, 0x1000, device, name="recorder")
+        stats = ExitStats()
+        try:
+            outcome = VcpuLoop(guest.vcpus[0], Bus(), bus, stats, ring).run(lambda: False)
+        finally:
+            ring.close()
+        assert outcome.reason is ExitReason.POWEROFF  # the guest's hlt, no irqchip
+        assert device.writes == [(ACK, 0x11), (ACK, 0x22), (ACK, 0x33), (STATUS, 0x99)]
+        assert stats.as_dict()["by_reason"]["mmio"]["count"] == 1  # only STATUS exited
+        assert stats.as_dict()["coalesced_writes"][f"mmio:{MMIO_BASE:#x}"]["count"] == 3
