@@ -8,6 +8,7 @@ and length the guest wrote is checked; a bad chain raises VirtqueueError.
 
 from __future__ import annotations
 
+import array
 import functools
 import logging
 import operator
@@ -144,13 +145,23 @@ class DescriptorChain:
 
 
 _LINKED_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-_LINKED = frozenset((VIRTQ_DESC_F_NEXT, _LINKED_WRITE))  # the flags of every entry but the last
+
+
+# Where the fast parser finds columns in a table of 16-byte descriptors (addr, len, flags, next).
+_FLAGS_LOW, _FLAGS_HIGH = 12, 13  # byte offsets of the flags' two bytes
+DESC_HALVES = DESC_SIZE // 2
+_NEXT_HALF = 7  # u16 index of next
 
 
 @functools.lru_cache(maxsize=64)
-def _successors(count: int) -> list[int]:
-    """[1, 2, ..., count - 1]: the next fields of a table linked in order."""
-    return list(range(1, count))
+def _successors(count: int) -> memoryview:
+    """1, 2, ..., count - 1 as u16s: the next fields of a table linked in order."""
+    return memoryview(array.array("H", range(1, count)))
+
+
+def _read_then_write(readable: int, writable: int) -> bytes:
+    """The low flag bytes of linked entries, readable ones first."""
+    return bytes((VIRTQ_DESC_F_NEXT,)) * readable + bytes((_LINKED_WRITE,)) * writable
 
 
 def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
@@ -261,17 +272,19 @@ class _ChainWalker:
         None means the table is laid out some other (legal) way: walk it.
         """
         count = len(raw) // DESC_SIZE
-        halves = memoryview(raw).cast("H")
-        flags = halves[6::8].tolist()
-        if halves[7::8].tolist()[:-1] != _successors(count):
+        if raw[_FLAGS_HIGH::DESC_SIZE].count(0) != count:
+            return None  # a flag outside NEXT and WRITE (INDIRECT is in the low byte)
+        if memoryview(raw).cast("H")[_NEXT_HALF::DESC_HALVES][:-1] != _successors(count):
             return None
-        last = flags.pop()
-        links = set(flags)
-        if last & ~VIRTQ_DESC_F_WRITE or not links <= _LINKED:
-            return None
-        readable = flags.count(VIRTQ_DESC_F_NEXT) + (0 if last else 1)
-        if _LINKED_WRITE in links and flags.index(_LINKED_WRITE) != readable:
-            return None  # a readable entry after a writable one
+        flags = raw[_FLAGS_LOW::DESC_SIZE]  # one byte per entry
+        last = flags[-1]
+        readable = flags.count(VIRTQ_DESC_F_NEXT, 0, count - 1)
+        if last & ~VIRTQ_DESC_F_WRITE or flags[:-1] != _read_then_write(readable, count - 1 - readable):
+            return None  # linked entries must be all readable, then all writable
+        if not last:
+            if readable != count - 1:
+                return None  # a readable entry after a writable one
+            readable = count
         lengths = memoryview(raw).cast("I")[2::4].tolist()
         if 0 in lengths:
             return None
@@ -285,12 +298,15 @@ class _ChainWalker:
 
     def _region_holding(self, starts: list[int], lengths: list[int]) -> MemoryRegion | None:
         """The one RAM region that holds every buffer, or None (each is then checked alone)."""
-        low, high = min(starts), max(map(operator.add, starts, lengths))
         try:
-            region = self.queue.memory.find_region(low)
+            region = self.queue.memory.find_region(min(starts))
         except GuestMemoryError:
             return None
-        return region if region is not None and high <= region.end else None
+        if region is None:
+            return None
+        if max(starts) + max(lengths) <= region.end:  # enough, and cheaper than the exact bound
+            return region
+        return region if max(map(operator.add, starts, lengths)) <= region.end else None
 
     def _indirect_table(self, addr: int, length: int, flags: int) -> bytes:
         """A private copy of an indirect table, so the guest cannot change it under the walk."""
