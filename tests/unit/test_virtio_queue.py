@@ -92,7 +92,8 @@ def _outcome(walk):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=st.lists(st.tuples(st.sampled_from([0x8000, 0x8800, 0x9000, RAM - 8, RAM + 0x1000]),
-                                  st.sampled_from([0, 1, 8, 0x800, 0x10000]), st.booleans()),
+                                  st.sampled_from([0, 1, 8, 0x800, 0x10000]), st.booleans(),
+                                  st.sampled_from([0, 0, 0, VIRTQ_DESC_F_INDIRECT, 0x100, 0x8000])),
                         min_size=1, max_size=16),
        permute=st.booleans())
 def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
@@ -103,9 +104,9 @@ def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
     table = heap.alloc(16 * len(entries), 16)
     raw = bytearray(16 * len(entries))
     for position, slot in enumerate(order):  # the chain visits slots in `order`
-        addr, length, write = entries[position]
+        addr, length, write, stray = entries[position]  # stray: a hostile extra flag bit
         last = position == len(order) - 1
-        flags = (VIRTQ_DESC_F_WRITE if write else 0) | (0 if last else VIRTQ_DESC_F_NEXT)
+        flags = (VIRTQ_DESC_F_WRITE if write else 0) | (0 if last else VIRTQ_DESC_F_NEXT) | stray
         DESC_FORMAT.pack_into(raw, 16 * slot, addr, length, flags, 0 if last else order[position + 1])
     memory.write(table, bytes(raw))
     write_desc(memory, driver.desc, 0, table, len(raw), VIRTQ_DESC_F_INDIRECT, 0)
