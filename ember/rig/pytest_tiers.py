@@ -190,16 +190,33 @@ def _rig_summary(status: int | None, timeout: float, results: dict[str, Any]) ->
     return f"the rig's pytest ended (exit status {status}) before this test ran"
 
 
+def _boot_once(config: pytest.Config, nodeids: list[str], results: Path,
+               timeout: float) -> tuple[dict[str, Any], str, int | None]:
+    """One rig boot over ``nodeids``: (the outcomes it wrote, how it ended, its exit status)."""
+    from ember.rig import ProgressWatch, run
+
+    test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
+    try:
+        status = run(rig_pytest_argv(nodeids, results, test_timeout), cwd=config.rootpath, timeout=timeout,
+                     out_dir=results.parent, watch=ProgressWatch(results, test_timeout + STALL_GRACE_S))
+        failure = None
+    except EmberError as exc:
+        status, failure = None, f"the rig failed: {exc}"
+    got = json.loads(results.read_text()) if results.exists() else {}
+    summary = failure or _rig_summary(status, timeout, got)
+    for entry in got.values():
+        if entry["outcome"] == RUNNING:
+            entry["longrepr"] = summary  # the test a stopped boot was in
+    return got, summary, status
+
+
 def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     """Run the system tests in the rig; a boot that hangs is stopped once no test has
     started or ended for longer than one test's limit, and the tests it never reached
     get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier."""
-    from ember.rig import ProgressWatch, run
-
     out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
     capman = config.pluginmanager.getplugin("capturemanager")
     deadline = time.monotonic() + float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
-    test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
     outcomes: dict[str, Any] = {}
     remaining = list(nodeids)
     try:
@@ -208,24 +225,14 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                              "system test(s) in one rig boot\n")
             sys.stdout.flush()
             prepare = config.stash.get(_PREPARE_KEY, None)
+            try:
+                if prepare is not None:
+                    prepare()
+            except EmberError as exc:
+                return {RIG_KEY: {"longrepr": f"the guest images could not be built: {exc}"}}
             for boot_number in range(1, MAX_RIG_BOOTS + 1):
                 results = out_dir / f"{boot_number}-{RESULTS_NAME}"
-                timeout = max(deadline - time.monotonic(), 1.0)
-                try:
-                    if prepare is not None:
-                        prepare()
-                        prepare = None
-                    status = run(rig_pytest_argv(remaining, results, test_timeout), cwd=config.rootpath,
-                                 timeout=timeout, out_dir=out_dir,
-                                 watch=ProgressWatch(results, test_timeout + STALL_GRACE_S))
-                    summary = None
-                except EmberError as exc:
-                    status, summary = None, f"the rig failed: {exc}"
-                got = json.loads(results.read_text()) if results.exists() else {}
-                summary = summary or _rig_summary(status, timeout, got)
-                for entry in got.values():
-                    if entry["outcome"] == RUNNING:
-                        entry["longrepr"] = summary
+                got, summary, status = _boot_once(config, remaining, results, max(deadline - time.monotonic(), 1.0))
                 outcomes.update(got)
                 outcomes[RIG_KEY] = {"longrepr": summary}
                 remaining = [nodeid for nodeid in remaining if nodeid not in got]
