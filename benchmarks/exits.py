@@ -7,11 +7,14 @@ and dispatching it on the PIO bus), and a C KVM_RUN loop, the native floor.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +38,8 @@ C_SOURCE = Path(__file__).with_name("kvm_exit_floor.c")
 C_OUTPUT_RE = re.compile(r"exits=(\d+) ns=(\d+)")
 NS_PER_US = 1000
 FLOOR_TIMEOUT_S = 120
+LOOP_TIMEOUT_S = 120  # a run takes seconds; past this, KVM_RUN is stuck (seen once in the rig)
+KICK_SIGNAL = signal.SIGUSR1
 
 
 def guest_code(exits: int) -> bytes:
@@ -73,15 +78,40 @@ class MicroVm:
             obj.close()
 
 
+@contextlib.contextmanager
+def watchdog(vcpu, what: str):
+    """Kick ``vcpu`` out of KVM_RUN (immediate_exit and a signal) if the run outlives
+    LOOP_TIMEOUT_S, then fail the measure instead of hanging the suite."""
+    fired = threading.Event()
+    target = threading.get_ident()
+
+    def kick() -> None:
+        fired.set()
+        vcpu.immediate_exit = True
+        signal.pthread_kill(target, KICK_SIGNAL)
+
+    previous = signal.signal(KICK_SIGNAL, lambda *_: None)
+    timer = threading.Timer(LOOP_TIMEOUT_S, kick)
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+        signal.signal(KICK_SIGNAL, previous)
+    if fired.is_set():
+        raise BenchError(f"{what}: KVM_RUN did not finish within {LOOP_TIMEOUT_S} s; the vCPU was kicked out")
+
+
 def raw_loop_ns(exits: int) -> float:
     """Nanoseconds per exit of a bare Python KVM_RUN loop over ember.kvm."""
     guest = MicroVm(guest_code(exits))
     try:
         vcpu, seen = guest.vcpu, 0
-        start = time.perf_counter_ns()
-        while (reason := vcpu.run()) == k.KVM_EXIT_IO:
-            seen += 1
-        elapsed = time.perf_counter_ns() - start
+        with watchdog(vcpu, "raw loop"):
+            start = time.perf_counter_ns()
+            while (reason := vcpu.run()) == k.KVM_EXIT_IO:
+                seen += 1
+            elapsed = time.perf_counter_ns() - start
     finally:
         guest.close()
     if reason != k.KVM_EXIT_HLT or seen != exits:
@@ -96,9 +126,10 @@ def vcpu_loop_ns(exits: int) -> float:
     pio.register(PORT, 1, _Sink(), name="sink")
     stats = ExitStats()
     try:
-        start = time.perf_counter_ns()
-        VcpuLoop(guest.vcpu, pio, Bus("mmio"), stats).run(lambda: False)
-        elapsed = time.perf_counter_ns() - start
+        with watchdog(guest.vcpu, "VcpuLoop") as fired:
+            start = time.perf_counter_ns()
+            VcpuLoop(guest.vcpu, pio, Bus("mmio"), stats).run(fired.is_set)
+            elapsed = time.perf_counter_ns() - start
     finally:
         guest.close()
     seen = stats.by_reason["io"].count
