@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
 KILL_GRACE_S = 3.0
+DEATH_WAIT_S = 30.0
 NS_PER_S = 1e9
 
 
@@ -101,7 +102,11 @@ class ConsoleProcess:
         except subprocess.TimeoutExpired:
             log.debug("killing %s (pid %d)", self.argv[0], self.pid)
             os.killpg(self.pid, signal.SIGKILL)
-            return self.proc.wait()
+            try:
+                return self.proc.wait(timeout=DEATH_WAIT_S)
+            except subprocess.TimeoutExpired:  # stuck in the kernel (seen in the rig): leave it
+                raise BenchError(f"{self.name} (pid {self.pid}) did not die within {DEATH_WAIT_S:g} s "
+                                 "of SIGKILL") from None
         finally:
             for reader in self._readers:
                 reader.join(timeout=KILL_GRACE_S)

@@ -126,7 +126,11 @@ def measure_block(results: Results, guest: Guest, s: Settings, where: str, steps
         image = Path(tmp) / "disk.img"
         for index in range(s.runs):
             for vmm in run_order(index):
-                w, r = block_once(vmm, guest, s, image)
+                try:
+                    w, r = block_once(vmm, guest, s, image)
+                except BenchError as err:  # one stuck run (seen in the rig) costs that run, not the series
+                    steps.step(f"block {vmm} run {index + 1} failed, going on: {str(err).splitlines()[0]}")
+                    continue
                 _append(write, vmm, w)
                 _append(read, vmm, r)
                 steps.step(f"block {vmm} run {index + 1}: write {w:.1f} MiB/s, read {r:.1f} MiB/s")
