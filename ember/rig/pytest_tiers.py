@@ -213,12 +213,15 @@ def _boot_once(config: pytest.Config, nodeids: list[str], results: Path,
 def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     """Run the system tests in the rig; a boot that hangs is stopped once no test has
     started or ended for longer than one test's limit, and the tests it never reached
-    get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier."""
+    get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier.
+    The test such a boot was in runs once more: a test that hangs by itself is failed by
+    its own limit inside the rig, so a boot that stops progressing is the emulator's."""
     out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
     capman = config.pluginmanager.getplugin("capturemanager")
     deadline = time.monotonic() + float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
     outcomes: dict[str, Any] = {}
     remaining = list(nodeids)
+    retried: set[str] = set()
     try:
         with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
             sys.stdout.write(f"\nember: building guest images, then running {len(nodeids)} "
@@ -235,11 +238,16 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 got, summary, status = _boot_once(config, remaining, results, max(deadline - time.monotonic(), 1.0))
                 outcomes.update(got)
                 outcomes[RIG_KEY] = {"longrepr": summary}
-                remaining = [nodeid for nodeid in remaining if nodeid not in got]
+                # A test still "running" when the watch stopped the rig did not hang by itself:
+                # its own limit would have failed it inside the rig. The emulated host stopped
+                # making progress under it, so it gets one more try in the fresh boot.
+                wedged = [n for n, entry in got.items() if entry["outcome"] == RUNNING and n not in retried]
+                retried.update(wedged)
+                remaining = wedged + [nodeid for nodeid in remaining if nodeid not in got]
                 if status != TIMEOUT_STATUS or not remaining or not got or time.monotonic() >= deadline:
                     break
-                sys.stdout.write(f"\nember: {summary}; a fresh rig boot runs the "
-                                 f"{len(remaining)} test(s) it did not reach\n")
+                again = f"; {', '.join(wedged)} runs again" if wedged else ""
+                sys.stdout.write(f"\nember: {summary}{again}; a fresh rig boot runs {len(remaining)} test(s)\n")
                 sys.stdout.flush()
         return outcomes
     finally:

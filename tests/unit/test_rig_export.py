@@ -185,11 +185,12 @@ class _Config:
         return None
 
 
-def test_a_hung_rig_boot_costs_one_test_and_the_rest_get_a_fresh_boot(tmp_path, monkeypatch, capsys) -> None:
+def _fake_rig(wedges_in: str, times: int):
+    """A stand-in for ember.rig.run whose boots all stop (the watch) when ``wedges_in``
+    starts, the first ``times`` times; every other test passes."""
     import ember.rig
     import ember.rig.pytest_tiers as tiers
 
-    ids = [f"tests/system/test_s.py::test_{n}" for n in ("a", "hangs", "c", "d")]
     boots: list[list[str]] = []
 
     def fake_run(argv, *, cwd, timeout, out_dir, watch):
@@ -197,18 +198,44 @@ def test_a_hung_rig_boot_costs_one_test_and_the_rest_get_a_fresh_boot(tmp_path, 
         boots.append(nodeids)
         results = Path(next(a for a in argv if a.startswith("--ember-results=")).split("=", 1)[1])
         assert watch.path == results and watch.stall_s == tiers.DEFAULT_TEST_TIMEOUT + tiers.STALL_GRACE_S
-        entry = {"longrepr": "", "reason": "", "duration": 1.0}
-        if len(boots) == 1:  # test_a passes, then test_hangs never ends: the watch stops the rig
-            results.write_text(json.dumps({ids[0]: {**entry, "outcome": "passed"},
-                                           ids[1]: {**entry, "outcome": "running"}}))
-            return ember.rig.TIMEOUT_STATUS
-        results.write_text(json.dumps({n: {**entry, "outcome": "passed"} for n in nodeids}))
+        entry, got = {"longrepr": "", "reason": "", "duration": 1.0}, {}
+        for nodeid in nodeids:
+            if nodeid.endswith(wedges_in) and sum(nodeid in b for b in boots) <= times:
+                got[nodeid] = {**entry, "outcome": "running"}
+                results.write_text(json.dumps(got))
+                return ember.rig.TIMEOUT_STATUS
+            got[nodeid] = {**entry, "outcome": "passed"}
+        results.write_text(json.dumps(got))
         return 0
 
+    return fake_run, boots
+
+
+IDS = [f"tests/system/test_s.py::test_{n}" for n in ("a", "wedged", "c", "d")]
+
+
+def test_a_rig_that_stops_under_a_test_gets_a_fresh_boot_and_the_test_one_more_try(
+        tmp_path, monkeypatch, capsys) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _fake_rig("test_wedged", times=1)
     monkeypatch.setattr(ember.rig, "run", fake_run)
-    got = tiers._run_in_rig(_Config(tmp_path), ids)
-    assert boots == [ids, ids[2:]]
-    assert {n: got[n]["outcome"] for n in ids} == {ids[0]: "passed", ids[1]: "running",
-                                                    ids[2]: "passed", ids[3]: "passed"}
-    assert f"while {ids[1]} was running" in got[ids[1]]["longrepr"]
-    assert "a fresh rig boot runs the 2 test(s) it did not reach" in capsys.readouterr().out
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, IDS[1:]]
+    assert {n: got[n]["outcome"] for n in IDS} == dict.fromkeys(IDS, "passed")
+    out = capsys.readouterr().out
+    assert f"while {IDS[1]} was running; {IDS[1]} runs again; a fresh rig boot runs 3 test(s)" in out
+
+
+def test_a_test_under_which_the_rig_stops_twice_fails_and_the_rest_still_run(tmp_path, monkeypatch) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _fake_rig("test_wedged", times=2)
+    monkeypatch.setattr(ember.rig, "run", fake_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, IDS[1:], IDS[2:]]
+    outcomes = {n: got[n]["outcome"] for n in IDS}
+    assert outcomes == {IDS[0]: "passed", IDS[1]: "running", IDS[2]: "passed", IDS[3]: "passed"}
+    assert f"while {IDS[1]} was running" in got[IDS[1]]["longrepr"]  # reported as not finished
