@@ -179,12 +179,12 @@ def rig_pytest_argv(nodeids: list[str], results: Path, test_timeout: int = DEFAU
             "-o", "console_output_style=classic", *nodeids]
 
 
-def _rig_summary(status: int | None, timeout: float, results: dict[str, Any]) -> str:
+def _rig_summary(status: int | None, why_stopped: str, results: dict[str, Any]) -> str:
     """One line on how a rig boot ended, for tests that have no outcome of their own."""
     running = [nodeid for nodeid, entry in results.items() if entry.get("outcome") == RUNNING]
     if status == TIMEOUT_STATUS:
         where = f" while {running[0]} was running" if running else ""
-        return f"the rig was stopped (its {timeout:g} s limit, or no progress for a test's limit and more){where}"
+        return f"the rig was stopped: {why_stopped}{where}"
     if not results:
         return f"the rig's pytest wrote no results (exit status {status})"
     return f"the rig's pytest ended (exit status {status}) before this test ran"
@@ -196,14 +196,17 @@ def _boot_once(config: pytest.Config, nodeids: list[str], results: Path,
     from ember.rig import ProgressWatch, run
 
     test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
+    watch = ProgressWatch(results, test_timeout + STALL_GRACE_S)
     try:
         status = run(rig_pytest_argv(nodeids, results, test_timeout), cwd=config.rootpath, timeout=timeout,
-                     out_dir=results.parent, watch=ProgressWatch(results, test_timeout + STALL_GRACE_S))
+                     out_dir=results.parent, watch=watch)
         failure = None
     except EmberError as exc:
         status, failure = None, f"the rig failed: {exc}"
     got = json.loads(results.read_text()) if results.exists() else {}
-    summary = failure or _rig_summary(status, timeout, got)
+    why = (f"no test started or ended for {watch.stall_s:g} s" if watch.tripped
+           else f"the {RIG_TIMEOUT_ENV} limit ran out")
+    summary = failure or _rig_summary(status, why, got)
     for entry in got.values():
         if entry["outcome"] == RUNNING:
             entry["longrepr"] = summary  # the test a stopped boot was in

@@ -152,6 +152,7 @@ class ProgressWatch:
     stall_s: float
     _seen: tuple[int, int] | None = None
     _since: float | None = None  # the first look, just after QEMU started
+    tripped: bool = False  # it stopped the rig
 
     def stalled(self, now: float) -> bool:
         try:
@@ -161,7 +162,8 @@ class ProgressWatch:
             seen = None
         if seen != self._seen or self._since is None:
             self._seen, self._since = seen, now
-        return now - self._since >= self.stall_s
+        self.tripped = now - self._since >= self.stall_s
+        return self.tripped
 
 
 def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None) -> str | None:

@@ -203,6 +203,7 @@ def _fake_rig(wedges_in: str, times: int):
             if nodeid.endswith(wedges_in) and sum(nodeid in b for b in boots) <= times:
                 got[nodeid] = {**entry, "outcome": "running"}
                 results.write_text(json.dumps(got))
+                watch.tripped = True  # what the real watch does when it stops the rig
                 return ember.rig.TIMEOUT_STATUS
             got[nodeid] = {**entry, "outcome": "passed"}
         results.write_text(json.dumps(got))
@@ -225,7 +226,8 @@ def test_a_rig_that_stops_under_a_test_gets_a_fresh_boot_and_the_test_one_more_t
     assert boots == [IDS, IDS[1:]]
     assert {n: got[n]["outcome"] for n in IDS} == dict.fromkeys(IDS, "passed")
     out = capsys.readouterr().out
-    assert f"while {IDS[1]} was running; {IDS[1]} runs again; a fresh rig boot runs 3 test(s)" in out
+    assert (f"the rig was stopped: no test started or ended for {tiers.DEFAULT_TEST_TIMEOUT + tiers.STALL_GRACE_S} s "
+            f"while {IDS[1]} was running; {IDS[1]} runs again; a fresh rig boot runs 3 test(s)") in out
 
 
 def test_a_test_under_which_the_rig_stops_twice_fails_and_the_rest_still_run(tmp_path, monkeypatch) -> None:
