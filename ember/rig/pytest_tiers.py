@@ -247,7 +247,7 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 wedged = [n for n, entry in got.items() if entry["outcome"] == RUNNING and n not in retried]
                 retried.update(wedged)
                 remaining = wedged + [nodeid for nodeid in remaining if nodeid not in got]
-                if status != TIMEOUT_STATUS or not remaining or not got or time.monotonic() >= deadline:
+                if status != TIMEOUT_STATUS or not remaining or time.monotonic() >= deadline:
                     break
                 again = f"; {', '.join(wedged)} runs again" if wedged else ""
                 sys.stdout.write(f"\nember: {summary}{again}; a fresh rig boot runs {len(remaining)} test(s)\n")
