@@ -184,7 +184,8 @@ class MicroVM:
             vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu)
             x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported)
-            ring = ring or self._coalesce_interrupt_acks(vcpu)
+            if index == 0:  # the ring is the VM's; any vCPU's mapping reaches it
+                ring = self._coalesce_interrupt_acks(vcpu)
             self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats(), ring))
         log.info("built microVM: %d vCPU(s), %d MiB, cmdline %r", mc.vcpu_count, mc.mem_size_mib, cmdline)
 

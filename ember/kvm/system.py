@@ -224,9 +224,6 @@ class Vm(_Fd):
         """Queue guest writes to [addr, addr + size) in the coalesced MMIO ring instead of exiting."""
         self._ioctl(io.KVM_REGISTER_COALESCED_MMIO, ctypes.byref(s.kvm_coalesced_mmio_zone(addr=addr, size=size)))
 
-    def unregister_coalesced_mmio(self, addr: int, size: int) -> None:
-        self._ioctl(io.KVM_UNREGISTER_COALESCED_MMIO, ctypes.byref(s.kvm_coalesced_mmio_zone(addr=addr, size=size)))
-
     def get_dirty_log(self, slot: int, num_pages: int) -> bytes:
         """The slot's dirty bitmap (bit n = page n), cleared by the kernel as read."""
         nbytes = ((num_pages + 63) // 64) * 8  # the kernel writes whole longs

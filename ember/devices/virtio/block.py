@@ -16,6 +16,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Callable
 
 from ember.devices.virtio import iovec
 from ember.devices.virtio.buffers import gather, scatter, split_views
@@ -168,7 +169,7 @@ class BlockDevice(VirtioDevice):
             raise VirtqueueError("virtio-blk request without a status byte")
         rtype, _, sector = REQUEST_HEADER.unpack(gather(header))
         data_in, status_view = self._split_status(chain.writable)
-        written, status_view[0] = self._attempt(rtype, sector, self._dispatch, rtype, data_out, data_in)
+        written, status_view[0] = self._attempt(rtype, sector, lambda: self._dispatch(rtype, sector, data_out, data_in))
         return written + STATUS_SIZE
 
     def _serve_spans(self, spans: GuestSpans) -> int | None:
@@ -186,14 +187,15 @@ class BlockDevice(VirtioDevice):
             io = iovec.pwritev
         else:
             return None
+        data = GuestSpans(region, starts[1:-1], lengths[1:-1], 0)
         written, region.view[starts[-1] - region.gpa] = self._attempt(
-            rtype, sector, self._span_io, io, GuestSpans(region, starts[1:-1], lengths[1:-1], 0))
+            rtype, sector, lambda: self._span_io(sector, io, data))
         return (written if io is iovec.preadv else 0) + STATUS_SIZE
 
-    def _attempt(self, rtype: int, sector: int, work, *args) -> tuple[int, int]:
+    def _attempt(self, rtype: int, sector: int, work: Callable[[], int]) -> tuple[int, int]:
         """(bytes written into the guest, status) of one request's work."""
         try:
-            return work(sector, *args), VIRTIO_BLK_S_OK
+            return work(), VIRTIO_BLK_S_OK
         except RequestError as exc:
             log.debug("drive %s: request %d at sector %d: %s", self.path, rtype, sector, exc)
             return 0, exc.status
@@ -217,7 +219,7 @@ class BlockDevice(VirtioDevice):
         data_in = writable[:-1] + ([last[:-1]] if len(last) > 1 else [])
         return data_in, last[len(last) - 1:]
 
-    def _dispatch(self, sector: int, rtype: int, data_out: list[memoryview],
+    def _dispatch(self, rtype: int, sector: int, data_out: list[memoryview],
                   data_in: list[memoryview]) -> int:
         if rtype == VIRTIO_BLK_T_IN:
             return self._read(sector, data_in)

@@ -97,12 +97,11 @@ class DescriptorChain:
 
     __slots__ = ("head", "spans", "_readable", "_writable")
 
-    def __init__(self, head: int, readable: list[memoryview] | None = None,
-                 writable: list[memoryview] | None = None, spans: GuestSpans | None = None) -> None:
+    def __init__(self, head: int, spans: GuestSpans | None = None) -> None:
         self.head, self.spans = head, spans
-        lazy = spans is not None and readable is None and writable is None
-        self._readable = None if lazy else (readable if readable is not None else [])
-        self._writable = None if lazy else (writable if writable is not None else [])
+        empty = spans is None  # the walker fills the lists; spans make them on demand
+        self._readable: list[memoryview] | None = [] if empty else None
+        self._writable: list[memoryview] | None = [] if empty else None
 
     def _materialize(self) -> None:
         views = self.spans.views()
@@ -301,8 +300,6 @@ class _ChainWalker:
         try:
             region = self.queue.memory.find_region(min(starts))
         except GuestMemoryError:
-            return None
-        if region is None:
             return None
         if max(starts) + max(lengths) <= region.end:  # enough, and cheaper than the exact bound
             return region
