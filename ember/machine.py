@@ -14,6 +14,7 @@ import os
 import signal
 import threading
 import time
+from typing import Callable
 
 from ember import config as cfg
 from ember.arch.x86_64 import boot as x86_boot
@@ -32,6 +33,7 @@ from ember.kvm import Kvm
 from ember.kvm.coalesced import CoalescedMmioRing
 from ember.kvm.structs import KVM_CAP_COALESCED_MMIO
 from ember.memory import GuestMemory
+from ember.mmio_replay import CoalescedReplay
 from ember.outcome import ExitInfo, ExitReason
 from ember.vcpu_loop import VcpuLoop
 
@@ -47,11 +49,16 @@ FIRST_VIRTIO_IRQ = 5
 
 
 class QueueNotifier:
-    """An ioeventfd on a queue's QueueNotify write, served on the event loop."""
+    """An ioeventfd on a queue's QueueNotify write, served on the event loop.
 
-    def __init__(self, vm, loop: EventLoop, transport, address: int, queue: int) -> None:
+    ``catch_up`` runs first: it replays the guest's coalesced writes, which
+    program order puts before this notify.
+    """
+
+    def __init__(self, vm, loop: EventLoop, transport, address: int, queue: int,
+                 catch_up: Callable[[], None]) -> None:
         self._vm, self._loop, self._address, self._queue = vm, loop, address, queue
-        self._transport = transport
+        self._transport, self._catch_up = transport, catch_up
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         vm.register_ioeventfd(self.fd, address, 4, datamatch=queue)
         loop.add_reader(self.fd, self._fired)
@@ -61,6 +68,7 @@ class QueueNotifier:
             os.eventfd_read(self.fd)
         except BlockingIOError:
             return
+        self._catch_up()
         self._transport.notify(self._queue)
 
     def close(self) -> None:
@@ -136,6 +144,7 @@ class MicroVM:
         self.run_started_ns: int | None = None
         self.exit_stats = ExitStats()
         self.virtio_devices: dict = {}
+        self.coalesced: CoalescedReplay | None = None  # set up with the first vCPU
 
     # ---- building -------------------------------------------------------
     def start(self) -> None:
@@ -179,14 +188,13 @@ class MicroVM:
             self.memory, kernel_path=boot.kernel_image_path, initrd_path=boot.initrd_path,
             cmdline=cmdline, mem_size=mem_size, vcpu_count=mc.vcpu_count)
         supported = self.kvm.get_supported_cpuid()
-        ring = None
         for index in range(mc.vcpu_count):
             vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu)
             x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported)
             if index == 0:  # the ring is the VM's; any vCPU's mapping reaches it
-                ring = self._coalesce_interrupt_acks(vcpu)
-            self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats(), ring))
+                self.coalesced = self._coalesce_interrupt_acks(vcpu)
+            self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats(), self.coalesced))
         log.info("built microVM: %d vCPU(s), %d MiB, cmdline %r", mc.vcpu_count, mc.mem_size_mib, cmdline)
 
     def _irq(self, gsi: int) -> IrqfdLine:
@@ -256,20 +264,22 @@ class MicroVM:
         self._closers.append(transport)
         self.mmio_bus.register(base, size, transport, name=name)
         for queue in range(transport.num_queues):
-            notifier = QueueNotifier(self.vm, self.events, transport, base + REG_QUEUE_NOTIFY, queue)
+            notifier = QueueNotifier(self.vm, self.events, transport, base + REG_QUEUE_NOTIFY, queue,
+                                     self._replay_coalesced)
             self._closers.append(notifier)
         self._virtio_params.append(cmdline_param(base, size, gsi))
         self._virtio_windows.append(base)
         self.virtio_devices[name] = transport
         return transport
 
-    def _coalesce_interrupt_acks(self, vcpu) -> CoalescedMmioRing | None:
+    def _coalesce_interrupt_acks(self, vcpu) -> CoalescedReplay | None:
         """Let the guest's InterruptACK writes (one per virtio interrupt) skip their exit.
 
-        KVM queues them in the coalesced MMIO ring and the vCPU loop replays them
-        before the next exit, which is always soon: the next InterruptStatus read
-        exits. The transport's acknowledgement rule keeps a late ACK from hiding a
-        newer interrupt (mmio.py). None where KVM lacks the ring.
+        KVM queues them in the coalesced MMIO ring. The event loop replays them
+        when the guest's next queue notify wakes it, and a vCPU before its next
+        exit, whichever comes first (mmio_replay.py). The transport's
+        acknowledgement rule keeps a late ACK from hiding a newer interrupt
+        (mmio.py). None where KVM lacks the ring.
         """
         page = self.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
         if page <= 0 or not self.virtio_devices:
@@ -278,7 +288,11 @@ class MicroVM:
         self._closers.append(ring)
         for window in self._virtio_windows:
             self.vm.register_coalesced_mmio(window + REG_INTERRUPT_ACK, REG_SIZE)
-        return ring
+        return CoalescedReplay(ring, self.mmio_bus)
+
+    def _replay_coalesced(self) -> None:
+        if self.coalesced is not None:
+            self.coalesced.replay_if_pending()
 
     def _agent_output(self, data: bytes) -> None:
         bridge = getattr(self, "agent_bridge", None)
@@ -409,6 +423,8 @@ class MicroVM:
         if self.state != "Exited":
             for loop in self._loops:
                 live.merge(loop.stats)
+        if self.coalesced is not None:
+            live.coalesced.update(dict(self.coalesced.stats))
         return {
             "state": self.state,
             "boot_time_us": None if self.boot_time_ns is None else self.boot_time_ns // 1000,

@@ -4,8 +4,8 @@ Each vCPU thread spends its life in KVM_RUN (which releases the GIL) and
 only decodes exits here (KVM API: "The kvm_run structure"). PIO and MMIO
 exits go to the device buses; shutdown, internal errors and failed entries
 end the VM. Every exit is counted and timed in the thread's ExitStats. Writes
-KVM queued in the coalesced MMIO ring are replayed first, so devices see the
-guest's accesses in program order.
+KVM queued in the coalesced MMIO ring are replayed first (mmio_replay.py), so
+devices see the guest's accesses in program order.
 """
 
 from __future__ import annotations
@@ -40,16 +40,16 @@ class VcpuLoop:
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.stats = stats
-        self.coalesced = coalesced  # the VM's CoalescedMmioRing, or None
+        self.coalesced = coalesced  # the VM's CoalescedReplay, or None
 
     def run(self, should_return: Callable[[], bool]):
         """Loop in KVM_RUN. Returns an ExitInfo when the VM must end, None when asked to return."""
-        vcpu, record, clock, ring = self.vcpu, self.stats.record, time.perf_counter_ns, self.coalesced
+        vcpu, record, clock, queued = self.vcpu, self.stats.record, time.perf_counter_ns, self.coalesced
         while True:
             reason = vcpu.run()
             start = clock()
-            if ring is not None and ring.pending():
-                ring.drain(self._replay)
+            if queued is not None and queued.pending():
+                queued.replay()
                 start = clock()
             if reason == k.KVM_EXIT_IO:
                 record("io", self._pio(), clock() - start)
@@ -90,12 +90,6 @@ class VcpuLoop:
             else:
                 chunk[:] = bus.read(port, size)
         return f"pio:{port:#x}"
-
-    def _replay(self, addr: int, data: bytes) -> None:
-        """One write from the coalesced ring: the guest made it earlier, without an exit."""
-        start = time.perf_counter_ns()
-        self.mmio_bus.write(addr, data)
-        self.stats.coalesced[f"mmio:{addr & ~0xFFF:#x}"].add(time.perf_counter_ns() - start)
 
     def _mmio(self) -> str:
         addr, is_write, data = self.vcpu.mmio()

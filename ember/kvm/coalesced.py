@@ -30,13 +30,18 @@ class CoalescedMmioRing:
         self._lock = threading.Lock()
 
     def pending(self) -> bool:
-        first, last = RING_HEADER.unpack_from(self._page, 0)
+        try:
+            first, last = RING_HEADER.unpack_from(self._page, 0)
+        except ValueError:  # closed: the VM is being torn down
+            return False
         return first != last
 
     def drain(self, write: Callable[[int, bytes], None]) -> int:
         """Replay every queued write through ``write(phys_addr, data)``, oldest first; returns how many."""
         count = 0
         with self._lock:
+            if self._page.closed:
+                return 0
             first, last = RING_HEADER.unpack_from(self._page, 0)
             while first != last and first < RING_ENTRIES:
                 offset = RING_HEADER.size + first * RING_ENTRY.size
@@ -48,4 +53,5 @@ class CoalescedMmioRing:
         return count
 
     def close(self) -> None:
-        self._page.close()
+        with self._lock:
+            self._page.close()

@@ -1,5 +1,6 @@
 """Coalesced MMIO on /dev/kvm: writes to a registered zone queue in the ring without
-exiting, and the vCPU loop replays them, in order, before the exit that follows."""
+exiting; the vCPU loop replays them, in order, before the exit that follows, and a
+queue notify served on the event loop replays them before the device sees it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import pytest
 from ember.devices.bus import Bus
 from ember.exitstats import ExitStats
 from ember.kvm import structs as s
+from ember.eventloop import EventLoop
 from ember.kvm.coalesced import CoalescedMmioRing
+from ember.machine import QueueNotifier
+from ember.mmio_replay import CoalescedReplay
 from ember.outcome import ExitReason
 from ember.vcpu_loop import VcpuLoop
 from tests.guests import AX, KVM_SKIP_REASON, Asm, MicroGuest, kvm_usable
@@ -18,11 +22,15 @@ pytestmark = [pytest.mark.kvm, pytest.mark.skipif(not kvm_usable(), reason=KVM_S
 MMIO_BASE = 0xD000_0000
 ACK = 0x64      # coalesced, like virtio-mmio's InterruptACK
 STATUS = 0x70   # an ordinary register: its write exits
+NOTIFY = 0x50   # served by an ioeventfd, like virtio-mmio's QueueNotify
 
 
 class Recorder:
     def __init__(self) -> None:
         self.writes: list[tuple[int, int]] = []
+
+    def notify(self, queue: int) -> None:  # the transport side of an ioeventfd
+        self.writes.append((NOTIFY, queue))
 
     def read(self, offset: int, size: int) -> bytes:
         return bytes(size)
@@ -68,12 +76,46 @@ def test_the_vcpu_loop_replays_queued_writes_before_the_exit_after_them():
         ring = ring_for(guest)
         device, bus = Recorder(), Bus()
         bus.register(MMIO_BASE, 0x1000, device, name="recorder")
-        stats = ExitStats()
+        stats, replay = ExitStats(), CoalescedReplay(ring, bus)
         try:
-            outcome = VcpuLoop(guest.vcpus[0], Bus(), bus, stats, ring).run(lambda: False)
+            outcome = VcpuLoop(guest.vcpus[0], Bus(), bus, stats, replay).run(lambda: False)
         finally:
             ring.close()
         assert outcome.reason is ExitReason.POWEROFF  # the guest's hlt, no irqchip
         assert device.writes == [(ACK, 0x11), (ACK, 0x22), (ACK, 0x33), (STATUS, 0x99)]
         assert stats.as_dict()["by_reason"]["mmio"]["count"] == 1  # only STATUS exited
-        assert stats.as_dict()["coalesced_writes"][f"mmio:{MMIO_BASE:#x}"]["count"] == 3
+        assert replay.stats[f"mmio:{MMIO_BASE:#x}"].count == 3
+
+
+def test_a_queue_notify_replays_the_writes_the_guest_made_before_it():
+    asm = Asm()
+    for value in (0x11, 0x22):
+        asm.mov32(AX, value).store(ACK, 4, es=True)
+    code = asm.mov32(AX, 1).store(NOTIFY, 4, es=True).hlt().bytes()
+    with MicroGuest(code) as guest:
+        guest.set_segment_base("es", MMIO_BASE)
+        ring = ring_for(guest)
+        device, bus, loop = Recorder(), Bus(), EventLoop()
+        bus.register(MMIO_BASE, 0x1000, device, name="recorder")
+        replay = CoalescedReplay(ring, bus)
+        notifier = QueueNotifier(guest.vm, loop, device, MMIO_BASE + NOTIFY, 1, replay.replay_if_pending)
+        try:
+            assert guest.run_until_exit() == s.KVM_EXIT_HLT  # the notify went to the eventfd, no exit
+            notifier._fired()  # what the event loop does when the eventfd is readable
+            assert device.writes == [(ACK, 0x11), (ACK, 0x22), (NOTIFY, 1)]
+            assert not replay.pending() and replay.replay() == 0  # nothing left for the vCPU
+        finally:
+            notifier.close()
+            loop.close()
+            ring.close()
+
+
+def test_a_closed_ring_reads_as_empty():
+    """Teardown closes the ring while the event loop may still serve a notify."""
+    with MicroGuest(guest_code()) as guest:
+        guest.set_segment_base("es", MMIO_BASE)
+        ring = ring_for(guest)
+        assert guest.run_until_exit() == s.KVM_EXIT_MMIO
+        assert ring.pending()
+        ring.close()
+        assert not ring.pending() and ring.drain(lambda a, d: None) == 0

@@ -173,23 +173,22 @@ class BlockDevice(VirtioDevice):
         return written + STATUS_SIZE
 
     def _serve_spans(self, spans: GuestSpans) -> int | None:
-        """A read or write laid out as Linux does it, straight from the span columns; None for
-        anything else (the memoryview path serves it). Every span is already inside guest RAM."""
-        starts, lengths, readable = spans.starts, spans.lengths, spans.readable
-        count = len(starts)
+        """A read or write laid out as Linux does it, straight from the chain's iovec array;
+        None for anything else (the memoryview path serves it). Every span is inside guest RAM."""
+        count, readable = spans.count, spans.readable
+        lengths = spans.lengths()
         if not 3 <= count <= iovec.IOV_MAX + 2 or lengths[0] != REQUEST_HEADER.size or lengths[-1] != STATUS_SIZE:
             return None
-        region = spans.region
-        rtype, _, sector = REQUEST_HEADER.unpack_from(region.view, starts[0] - region.gpa)
+        ram = spans.region.view
+        rtype, _, sector = REQUEST_HEADER.unpack_from(ram, spans.offset(0))
         if rtype == VIRTIO_BLK_T_IN and readable == 1:
             io = iovec.preadv
         elif rtype == VIRTIO_BLK_T_OUT and readable == count - 1 and not self.read_only:
             io = iovec.pwritev
         else:
             return None
-        data = GuestSpans(region, starts[1:-1], lengths[1:-1], 0)
-        written, region.view[starts[-1] - region.gpa] = self._attempt(
-            rtype, sector, lambda: self._span_io(sector, io, data))
+        data = spans.part(1, count - 1)
+        written, ram[spans.offset(count - 1)] = self._attempt(rtype, sector, lambda: self._span_io(sector, io, data))
         return (written if io is iovec.preadv else 0) + STATUS_SIZE
 
     def _attempt(self, rtype: int, sector: int, work: Callable[[], int]) -> tuple[int, int]:
@@ -201,11 +200,10 @@ class BlockDevice(VirtioDevice):
             return 0, exc.status
 
     def _span_io(self, sector: int, io, data: GuestSpans) -> int:
-        length = sum(data.lengths)
+        length = sum(data.lengths())
         offset = self._check_range(sector, length)
-        iov = iovec.iovec_array(data.region.host_addr - data.region.gpa, data.starts, data.lengths)
         try:
-            done = io(self.fd, iov, offset)
+            done = io(self.fd, data.iov, offset)
         except OSError as exc:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"I/O error: {exc.strerror}") from None
         if done != length:  # short: the general path loops over the rest

@@ -11,19 +11,20 @@ from __future__ import annotations
 import array
 import functools
 import logging
-import operator
 import struct
 import threading
 from dataclasses import dataclass
 
 import msgspec
 
+from ember.devices.virtio import iovec
 from ember.memory import GuestMemoryError, MemoryRegion
 
 log = logging.getLogger(__name__)
 
 DESC_SIZE = 16
 DESC_FORMAT = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC_ADDR = struct.Struct("<Q")
 VIRTQ_DESC_F_NEXT = 1
 VIRTQ_DESC_F_WRITE = 2
 VIRTQ_DESC_F_INDIRECT = 4
@@ -70,21 +71,37 @@ class QueueState(msgspec.Struct):
 
 @dataclass(frozen=True, slots=True)
 class GuestSpans:
-    """A chain's buffers as columns of guest-physical starts and lengths, all in one RAM region.
+    """A chain's buffers as the kernel's iovec array, all inside one RAM region.
 
-    The first ``readable`` spans are device-readable, the rest device-writable.
-    A device that moves bulk data (virtio-blk) builds the kernel's iovec array
-    straight from these columns, without a memoryview per buffer.
+    ``iov`` holds (host address, length) for each buffer; the first
+    ``readable`` are device-readable, the rest device-writable. A device that
+    moves bulk data (virtio-blk) hands it straight to preadv/pwritev, without a
+    memoryview per buffer.
     """
 
     region: MemoryRegion
-    starts: list[int]
-    lengths: list[int]
+    iov: array.array
     readable: int
 
+    @property
+    def count(self) -> int:
+        return len(self.iov) // 2
+
+    def lengths(self, first: int = 0, stop: int | None = None) -> array.array:
+        stop = self.count if stop is None else stop
+        return self.iov[2 * first + 1:2 * stop:2]
+
+    def offset(self, index: int) -> int:
+        """Where buffer ``index`` starts in the region's view."""
+        return self.iov[2 * index] - self.region.host_addr
+
+    def part(self, first: int, stop: int) -> GuestSpans:
+        """Buffers first..stop-1, all counted writable."""
+        return GuestSpans(self.region, self.iov[2 * first:2 * stop], 0)
+
     def views(self) -> list[memoryview]:
-        ram, base = self.region.view, self.region.gpa
-        return [ram[start - base:start - base + length] for start, length in zip(self.starts, self.lengths)]
+        ram, host, iov = self.region.view, self.region.host_addr, self.iov
+        return [ram[iov[i] - host:iov[i] - host + iov[i + 1]] for i in range(0, len(iov), 2)]
 
 
 class DescriptorChain:
@@ -130,13 +147,13 @@ class DescriptorChain:
     @property
     def readable_len(self) -> int:
         if self._readable is None:
-            return sum(self.spans.lengths[:self.spans.readable])
+            return sum(self.spans.lengths(0, self.spans.readable))
         return sum(len(v) for v in self._readable)
 
     @property
     def writable_len(self) -> int:
         if self._writable is None:
-            return sum(self.spans.lengths[self.spans.readable:])
+            return sum(self.spans.lengths(self.spans.readable))
         return sum(len(v) for v in self._writable)
 
     def __repr__(self) -> str:
@@ -284,26 +301,25 @@ class _ChainWalker:
             if readable != count - 1:
                 return None  # a readable entry after a writable one
             readable = count
-        lengths = memoryview(raw).cast("I")[2::4].tolist()
-        if 0 in lengths:
-            return None
-        starts = memoryview(raw).cast("Q")[0::2].tolist()
-        region = self._region_holding(starts, lengths)
-        if region is not None:  # checked once for all; views are made only if a device asks
-            return DescriptorChain(self.chain.head, spans=GuestSpans(region, starts, lengths, readable))
+        if 0 in memoryview(raw).cast("I")[2::4]:
+            return None  # empty buffers: the walker drops them
+        spans = self._spans_in_one_region(raw, readable)
+        if spans is not None:  # checked once for all; views are made only if a device asks
+            return DescriptorChain(self.chain.head, spans=spans)
+        starts, lengths = memoryview(raw).cast("Q")[0::2], memoryview(raw).cast("I")[2::4]
         views = [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
         self.chain.readable, self.chain.writable = views[:readable], views[readable:]
         return self.chain
 
-    def _region_holding(self, starts: list[int], lengths: list[int]) -> MemoryRegion | None:
-        """The one RAM region that holds every buffer, or None (each is then checked alone)."""
+    def _spans_in_one_region(self, raw: bytes, readable: int) -> GuestSpans | None:
+        """The table as an iovec array if the RAM region of its first buffer holds every
+        buffer; None otherwise (each buffer is then checked alone)."""
         try:
-            region = self.queue.memory.find_region(min(starts))
+            region = self.queue.memory.find_region(DESC_ADDR.unpack_from(raw)[0])
         except GuestMemoryError:
             return None
-        if max(starts) + max(lengths) <= region.end:  # enough, and cheaper than the exact bound
-            return region
-        return region if max(map(operator.add, starts, lengths)) <= region.end else None
+        iov = iovec.from_descriptors(raw, region.gpa, region.size, region.host_addr)
+        return None if iov is None else GuestSpans(region, iov, readable)
 
     def _indirect_table(self, addr: int, length: int, flags: int) -> bytes:
         """A private copy of an indirect table, so the guest cannot change it under the walk."""
