@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from types import TracebackType
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,10 @@ class BuildProgress:
         self._started = time.monotonic()
         self._progress: Progress | None = None
         self._task = None
-        if enabled:
+        if enabled:  # rich is imported only here: `ember run` with cached images never loads it
+            from rich.console import Console
+            from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
             self._progress = Progress(
                 SpinnerColumn(), TextColumn("[bold]{task.description}"),
                 TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
