@@ -44,11 +44,20 @@ class MachineConfig(_Model):
     huge_pages: Literal["None", "2M"] = "None"
 
 
-class RateLimiter(msgspec.Struct):
-    """Accepted for compatibility; Ember does not limit rates yet."""
+class TokenBucket(_Model):
+    """Firecracker's TokenBucket: ``size`` tokens, refilled from empty in ``refill_time`` ms;
+    ``one_time_burst`` extra tokens at the start. Size or refill time 0: no limit."""
 
-    bandwidth: dict | None = None
-    ops: dict | None = None
+    size: Annotated[int, msgspec.Meta(ge=0)]
+    refill_time: Annotated[int, msgspec.Meta(ge=0)]
+    one_time_burst: Annotated[int, msgspec.Meta(ge=0)] | None = None
+
+
+class RateLimiter(_Model):
+    """Firecracker's RateLimiter: ``bandwidth`` counts bytes, ``ops`` counts requests."""
+
+    bandwidth: TokenBucket | None = None
+    ops: TokenBucket | None = None
 
 
 class Drive(_Model):

@@ -8,10 +8,13 @@ one is logged and never stops the loop.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import os
 import selectors
 import threading
+import time
 from collections import deque
 from typing import Callable
 
@@ -26,6 +29,9 @@ class EventLoop:
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
         self._pending: deque[Callback] = deque()
+        self._timers: list[tuple[float, int, Callback]] = []  # (due, tie-breaker, callback), a heap
+        self._timer_order = itertools.count()
+        self._timer_lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, (self._drain_wakeups, None))
         self._running = False
@@ -67,6 +73,25 @@ class EventLoop:
         self._pending.append(callback)
         self._wake()
 
+    def call_later(self, delay: float, callback: Callback) -> None:
+        """Run ``callback`` on the loop ``delay`` seconds from now (safe from any thread)."""
+        with self._timer_lock:
+            heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_order), callback))
+        self._wake()
+
+    def _next_timeout(self) -> float | None:
+        with self._timer_lock:
+            return None if not self._timers else max(0.0, self._timers[0][0] - time.monotonic())
+
+    def _run_due_timers(self) -> None:
+        now = time.monotonic()
+        while True:
+            with self._timer_lock:
+                if not self._timers or self._timers[0][0] > now:
+                    return
+                _, _, callback = heapq.heappop(self._timers)
+            self._call(callback)
+
     def start(self, name: str = "ember-events") -> None:
         self._running = True
         self._thread = threading.Thread(target=self.run, name=name, daemon=True)
@@ -75,7 +100,7 @@ class EventLoop:
     def run(self) -> None:
         self._running = True
         while self._running:
-            for key, events in self._selector.select():
+            for key, events in self._selector.select(self._next_timeout()):
                 reader, writer = key.data
                 if events & selectors.EVENT_READ and reader is not None:
                     self._call(reader)
@@ -83,6 +108,8 @@ class EventLoop:
                     self._call(writer)
             while self._pending:
                 self._call(self._pending.popleft())
+            if self._timers:
+                self._run_due_timers()
 
     def stop(self) -> None:
         self._running = False

@@ -20,6 +20,7 @@ from ember import config as cfg
 from ember.arch.x86_64 import boot as x86_boot
 from ember.arch.x86_64 import layout
 from ember.console import ConsoleInput, ConsoleOutput, open_output
+from ember.devices import ratelimit
 from ember.devices.bus import Bus
 from ember.devices.legacy.boot_timer import BootTimer
 from ember.devices.legacy.i8042 import I8042
@@ -238,11 +239,14 @@ class MicroVM:
         for drive in drives:
             device = BlockDevice(drive.path_on_host, read_only=drive.is_read_only, drive_id=drive.drive_id)
             self.add_virtio_device(device, f"block:{drive.drive_id}")
+            self.set_rate_limiter(f"block:{drive.drive_id}", 0, drive.rate_limiter)
         if self.config.network_interfaces:
             from ember.devices.virtio.net import NetDevice
         for iface in self.config.network_interfaces:
             device = NetDevice.open(self.events, iface.host_dev_name, mac=iface.guest_mac)
             self.add_virtio_device(device, f"net:{iface.iface_id}")
+            self.set_rate_limiter(f"net:{iface.iface_id}", 0, iface.rx_rate_limiter)
+            self.set_rate_limiter(f"net:{iface.iface_id}", 1, iface.tx_rate_limiter)
         if self.config.vsock is not None:
             from ember.devices.virtio.vsock import VsockDevice
 
@@ -252,6 +256,15 @@ class MicroVM:
             from ember.devices.virtio.rng import RngDevice
 
             self.add_virtio_device(RngDevice(), "rng")
+            self.set_rate_limiter("rng", 0, self.config.entropy.rate_limiter)
+
+    def set_rate_limiter(self, device: str, queue: int, spec: cfg.RateLimiter | None) -> None:
+        """Limit one queue of a virtio device ('block:<id>', 'net:<id>' with rx 0 and tx 1,
+        'rng') by a Firecracker RateLimiter; None or zero-sized buckets lift the limit."""
+        transport = self.virtio_devices.get(device)
+        if transport is None:
+            raise EmberError(f"no device {device!r}")
+        transport.device.set_rate_limiter(queue, ratelimit.from_config(spec), self.events)
 
     def add_virtio_device(self, device, name: str) -> VirtioMmioTransport:
         """Put a virtio device behind the next virtio-mmio window, IRQ and ioeventfds."""

@@ -23,6 +23,16 @@ class ManualLoop:
 
     def __init__(self):
         self.readers, self.writers, self.soon = {}, {}, []
+        self.later: list[tuple[float, object]] = []  # call_later's (delay, callback), run by fire_timers
+
+    def call_later(self, delay, callback):
+        self.later.append((delay, callback))
+
+    def fire_timers(self):
+        """Run every timer now, whatever its delay (the test moved its clock first)."""
+        later, self.later = self.later, []
+        for _, callback in later:
+            callback()
 
     def add_reader(self, fd, callback):
         assert fd not in self.readers, "reader added twice"

@@ -249,20 +249,21 @@ class VmmController:
             if patch.path_on_host is not None:
                 self._change_media(vm, drive, patch.path_on_host)
             if patch.rate_limiter is not None:
-                drive.rate_limiter = patch.rate_limiter
+                drive.rate_limiter = self._limit(vm, f"block:{drive_id}", 0, drive.rate_limiter, patch.rate_limiter)
 
     def patch_network_interface(self, iface_id: str | None, body: bytes) -> None:
         iface_id = checked_id(iface_id)
         patch = decode(body, models.NetworkInterfacePatch)
         _require_same_id(iface_id, patch.iface_id)
         with self._lock:
-            self._require_started()
+            vm = self._require_started()
             iface = _find(self._config.network_interfaces, "iface_id", iface_id,
                           "Invalid network interface ID")
+            name = f"net:{iface_id}"
             if patch.rx_rate_limiter is not None:
-                iface.rx_rate_limiter = patch.rx_rate_limiter
+                iface.rx_rate_limiter = self._limit(vm, name, 0, iface.rx_rate_limiter, patch.rx_rate_limiter)
             if patch.tx_rate_limiter is not None:
-                iface.tx_rate_limiter = patch.tx_rate_limiter
+                iface.tx_rate_limiter = self._limit(vm, name, 1, iface.tx_rate_limiter, patch.tx_rate_limiter)
 
     def action(self, body: bytes) -> None:
         kind = decode(body, models.InstanceAction).action_type
@@ -342,6 +343,19 @@ class VmmController:
             raise ApiError(METRICS_REINIT)
         _run(self.metrics.configure, metrics.metrics_path)
         self._config.metrics = metrics
+
+    @staticmethod
+    def _limit(vm: Machine, device: str, queue: int, old: cfg.RateLimiter | None,
+               patch: cfg.RateLimiter) -> cfg.RateLimiter:
+        """Firecracker's rate limiter update: a bucket given replaces the old one (size 0
+        lifts it), a bucket left out stays. Applied to the running device, then kept."""
+        merged = cfg.RateLimiter(
+            bandwidth=patch.bandwidth if patch.bandwidth is not None else (old.bandwidth if old else None),
+            ops=patch.ops if patch.ops is not None else (old.ops if old else None))
+        apply = getattr(vm, "set_rate_limiter", None)
+        if apply is not None:
+            _run(apply, device, queue, merged)
+        return merged
 
     def _change_media(self, vm: Machine, drive: cfg.Drive, path: str) -> None:
         update = getattr(vm, "update_drive", None)

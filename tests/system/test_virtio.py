@@ -94,3 +94,36 @@ def test_hostile_driver_breaks_only_its_own_device(tmp_path):
     assert int(status_line.split("=")[1], 16) & 0x40, status_line  # DEVICE_NEEDS_RESET
     assert "survived" in result.stdout
     assert disk.read_bytes()[:8] == b"survived"
+
+
+def test_a_bandwidth_limited_drive_paces_the_guests_reads(tmp_path):
+    """Firecracker's rate_limiter on a drive, from a --config-file: 1 MiB/s (a 256 KiB bucket
+    refilled every 250 ms), so reading 3 MiB takes the guest at least 2.75 s. Unlimited, the
+    same read takes a few tens of milliseconds even in the rig."""
+    import json
+    import re
+    import sys
+
+    from ember import images
+    from tests.system.test_api import guest_args
+
+    disk = make_disk(tmp_path, "limited.img", 4)
+    script = ("read t0 _ < /proc/uptime; dd if=/dev/vda of=/dev/null bs=64k count=48 iflag=direct 2>/dev/null; "
+              "read t1 _ < /proc/uptime; echo \"paced $t0 $t1\"; exit 5")
+    limiter = {"bandwidth": {"size": 256 << 10, "refill_time": 250}}
+    config = {
+        "boot-source": {"kernel_image_path": str(images.artifact_path("kernel", build=False)),
+                        "initrd_path": str(images.artifact_path("initrd", build=False)),
+                        "boot_args": guest_args(script)},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
+        "drives": [{"drive_id": "paced", "path_on_host": str(disk), "is_root_device": False,
+                    "is_read_only": True, "rate_limiter": limiter}],
+    }
+    path = tmp_path / "vm.json"
+    path.write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-m", "ember", "firecracker", "--no-api", "--config-file", str(path)],
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 5, result.stdout[-3000:] + result.stderr
+    found = re.search(r"paced ([0-9.]+) ([0-9.]+)", result.stdout)
+    assert found, result.stdout[-3000:]
+    assert float(found.group(2)) - float(found.group(1)) >= 2.7, found.group(0)

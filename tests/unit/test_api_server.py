@@ -6,6 +6,7 @@ import json
 import socket
 import threading
 
+import msgspec
 import pytest
 
 from ember.api.server import ApiServer
@@ -346,3 +347,26 @@ def test_concurrent_requests_are_serialized(api, files):
     assert errors == []
     ifaces = client.call("GET", "/vm/config")[1]["network-interfaces"]
     assert sorted(i["iface_id"] for i in ifaces) == [f"eth{n}" for n in range(6)]
+
+
+def test_patched_rate_limiters_merge_by_bucket_and_reach_the_running_devices(api, files):
+    """Firecracker's update: a bucket given replaces the old one, one left out stays."""
+    _, client = api
+    configure(client, files)
+    start(client)
+    vm = FakeMachine.instances[-1]
+    applied = []
+    vm.set_rate_limiter = lambda device, queue, spec: applied.append((device, queue, msgspec.to_builtins(spec)))
+    ops = {"size": 100, "refill_time": 10}
+    bandwidth = {"size": 1 << 20, "refill_time": 1000, "one_time_burst": 4096}
+    assert client.call("PATCH", "/drives/rootfs", {"drive_id": "rootfs", "rate_limiter": {"ops": ops}})[0] == 204
+    assert client.call("PATCH", "/drives/rootfs",
+                       {"drive_id": "rootfs", "rate_limiter": {"bandwidth": bandwidth}})[0] == 204
+    assert applied == [("block:rootfs", 0, {"ops": ops}), ("block:rootfs", 0, {"ops": ops, "bandwidth": bandwidth})]
+    shown = client.call("GET", "/vm/config")[1]["drives"][0]["rate_limiter"]
+    assert shown == {"bandwidth": bandwidth, "ops": {**ops, "one_time_burst": None}}
+    negative = {"drive_id": "rootfs", "rate_limiter": {"ops": {"size": -1, "refill_time": 1}}}
+    assert "Expected `int` >= 0" in fault(client, "PATCH", "/drives/rootfs", negative)
+    assert "unknown field" in fault(client, "PATCH", "/drives/rootfs",
+                                    {"drive_id": "rootfs", "rate_limiter": {"iops": ops}})
+    assert len(applied) == 2  # refused bodies changed nothing

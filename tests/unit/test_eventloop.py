@@ -67,3 +67,17 @@ def test_eventfd_reader_fires_once_per_signal():
     finally:
         loop.close()
         os.close(fd)
+
+
+def test_call_later_runs_timers_in_due_order_from_any_thread():
+    loop = EventLoop()
+    loop.start()
+    try:
+        order, done = [], threading.Event()
+        loop.call_later(0.15, lambda: (order.append("late"), done.set()))
+        threading.Thread(target=loop.call_later, args=(0.05, lambda: order.append("early"))).start()
+        loop.call_soon_threadsafe(lambda: order.append("soon"))
+        assert done.wait(5)
+        assert order == ["soon", "early", "late"]
+    finally:
+        loop.close()

@@ -401,3 +401,46 @@ def test_real_tap_both_directions():
     finally:
         wire.close()
         r.close()
+
+
+class Clock:
+    def __init__(self):
+        self.now = 50.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_tx_rate_limit_holds_frames_until_the_bucket_refills(rig):
+    from ember.devices.ratelimit import RateLimiter, TokenBucket
+
+    clock = Clock()
+    rig.device.set_rate_limiter(net.TX_QUEUE, RateLimiter(ops=TokenBucket(2, 1000, clock=clock)), rig.loop)
+    heads = [rig.send(frame(bytes([i]) * 60)) for i in range(3)]
+    assert [rig.tap.peer.recv(2048)[-1] for _ in range(2)] == [0, 1]
+    assert [h for h, _ in rig.tx.take_used()] == heads[:2]  # the third waits in the ring
+    [(delay, _)] = rig.loop.later
+    assert delay == pytest.approx(0.5)
+    clock.now += delay
+    rig.loop.fire_timers()
+    assert rig.tap.peer.recv(2048)[-1] == 2 and [h for h, _ in rig.tx.take_used()] == heads[2:]
+
+
+def test_rx_rate_limit_keeps_the_frame_and_delivers_it_later(rig):
+    from ember.devices.ratelimit import RateLimiter, TokenBucket
+
+    clock = Clock()
+    limit = RateLimiter(bandwidth=TokenBucket(150, 1000, clock=clock))  # 150 bytes/s of frames
+    rig.device.set_rate_limiter(net.RX_QUEUE, limit, rig.loop)
+    rig.post_rx(2048, 2048)
+    rig.driver.kick(net.RX_QUEUE)
+    for i in range(2):
+        rig.tap.peer.send(bytes(NET_HDR_SIZE) + frame(bytes([i]) * 86))  # 100-byte frames
+    rig.loop.pump()
+    assert len(rig.rx.take_used()) == 1 and rig.device.rx_packets == 1  # the second is held
+    assert not rig.loop.readers  # and the TAP is not read meanwhile
+    clock.now += 1.0
+    rig.loop.fire_timers()
+    rig.loop.pump()
+    ((_, written),) = rig.rx.take_used()
+    assert written == NET_HDR_SIZE + 100 and rig.device.rx_packets == 2

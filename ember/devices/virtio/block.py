@@ -151,10 +151,18 @@ class BlockDevice(VirtioDevice):
         queue = self.queues[index]
         pushed = False
         while (chain := queue.pop()) is not None:
+            if self.limiters and self.throttle(index, self._payload(chain)):
+                queue.undo_pop(1)  # served when the limiter allows (device.py)
+                break
             queue.push_used(chain.head, self._serve(chain))
             pushed = True
         if pushed:
             self.signal_used(index)
+
+    @staticmethod
+    def _payload(chain: DescriptorChain) -> int:
+        """The bytes a request moves, for the bandwidth limit: all but header and status."""
+        return max(0, chain.readable_len + chain.writable_len - REQUEST_HEADER.size - STATUS_SIZE)
 
     def _serve(self, chain: DescriptorChain) -> int:
         """Run one request; returns the bytes written into the guest's buffers."""

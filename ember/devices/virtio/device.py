@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import msgspec
 
+from ember.devices.ratelimit import RateLimiter
 from ember.devices.virtio.queue import DescriptorChain, Virtqueue
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class VirtioDevice:
         self.queues: list[Virtqueue] = []
         self._signal_used: Callable[[int], None] = lambda index: None
         self._kick: Callable[[int], None] = lambda index: None
+        self.limiters: dict[int, RateLimiter] = {}  # by queue index
+        self._timers = None  # the event loop that brings a throttled queue back
+        self._retry_due: set[int] = set()
 
     # -- transport hooks ----------------------------------------------------
     def bind(self, signal_used: Callable[[int], None], kick: Callable[[int], None]) -> None:
@@ -87,11 +91,15 @@ class VirtioDevice:
         with used length 0, and signal once for the lot (even when ``handle`` raises part way).
 
         With a ``budget``, stop after that many chains and come back through ``loop`` once other
-        events had a turn, so one busy queue cannot starve the event loop.
+        events had a turn, so one busy queue cannot starve the event loop. A rate-limited queue
+        stops at the first chain its limiter holds back (its bytes: what the device reads).
         """
         queue, done = self.queues[index], 0
         try:
             while (budget is None or done < budget) and (chain := queue.pop()) is not None:
+                if index in self.limiters and self.throttle(index, chain.readable_len):
+                    queue.undo_pop(1)
+                    break
                 handle(chain)
                 queue.push_used(chain.head, 0)
                 done += 1
@@ -100,6 +108,37 @@ class VirtioDevice:
                 self.signal_used(index)
         if done == budget:  # more may wait
             loop.call_soon_threadsafe(lambda: self.kick(index))
+
+    # -- rate limiting -------------------------------------------------------------
+    def set_rate_limiter(self, index: int, limiter: RateLimiter | None, loop) -> None:
+        """Limit queue ``index`` (None lifts the limit); ``loop`` runs the retries.
+        A queue waiting on the old limiter is served again at once."""
+        if limiter is None:
+            self.limiters.pop(index, None)
+        else:
+            self.limiters[index] = limiter
+        self._timers = loop
+        if index in self._retry_due:
+            loop.call_soon_threadsafe(lambda: self._retry(index))
+
+    def throttle(self, index: int, nbytes: int) -> bool:
+        """Whether queue ``index``'s next request, of ``nbytes`` bytes, must wait; if so a
+        retry is scheduled and the caller leaves the request queued (undo_pop)."""
+        limiter = self.limiters.get(index)
+        if limiter is None:
+            return False
+        wait = limiter.admit(nbytes)
+        if not wait:
+            return False
+        if index not in self._retry_due:
+            self._retry_due.add(index)
+            self._timers.call_later(wait, lambda: self._retry(index))
+        return True
+
+    def _retry(self, index: int) -> None:
+        if index in self._retry_due:
+            self._retry_due.discard(index)
+            self.kick(index)
 
     # -- config space ---------------------------------------------------------
     def config_bytes(self) -> bytes:

@@ -95,6 +95,7 @@ class NetDevice(VirtioDevice):
         self.mac = parse_mac(mac)
         self._rx_buffer = bytearray(MAX_FRAME)
         self._rx_pending = 0  # length of a frame read from the TAP, waiting for rx buffers
+        self._rx_admitted = False  # whether the rx rate limiter let that frame through
         self._watching = False
         self._watch_lock = threading.Lock()
         self.rx_packets = self.rx_bytes = self.rx_dropped = 0
@@ -134,7 +135,7 @@ class NetDevice(VirtioDevice):
 
     def reset(self) -> None:
         self._watch_tap(False)
-        self._rx_pending = 0
+        self._rx_pending, self._rx_admitted = 0, False
         super().reset()
 
     def close(self) -> None:
@@ -192,6 +193,11 @@ class NetDevice(VirtioDevice):
             while delivered < RX_BUDGET:
                 if not self._rx_pending and not self._read_frame(queue):
                     return
+                if not self._rx_admitted:
+                    if self.limiters and self.throttle(RX_QUEUE, self._rx_pending - NET_HDR_SIZE):
+                        self._watch_tap(False)  # the frame waits; the limiter's retry brings us back
+                        return
+                    self._rx_admitted = True
                 if not self._deliver(queue):
                     self._watch_tap(False)  # the guest's rx notify brings us back
                     return
@@ -235,7 +241,7 @@ class NetDevice(VirtioDevice):
         if chains is None:
             return False
         frame = memoryview(self._rx_buffer)[:self._rx_pending]
-        self._rx_pending = 0
+        self._rx_pending, self._rx_admitted = 0, False
         if not chains:  # did not fit a non-mergeable buffer: dropped, its chain reused
             self.rx_dropped += 1
             return True

@@ -33,6 +33,9 @@ class RngDevice(VirtioDevice):
         queue = self.queues[index]
         pushed = False
         while (chain := queue.pop()) is not None:
+            if self.limiters and self.throttle(index, min(chain.writable_len, self.request_cap)):
+                queue.undo_pop(1)  # served when the limiter allows (device.py)
+                break
             queue.push_used(chain.head, self._fill(chain))
             pushed = True
         if pushed:
