@@ -2,8 +2,9 @@
 
 ioeventfds (virtio queue notifications), backends (TAP, files, sockets), the
 console input and the agent socket are all served here with epoll, so device
-work never runs on a vCPU thread. Callbacks must not block; an exception in
-one is logged and never stops the loop.
+work never runs on a vCPU thread; timers (``call_later``) bring back queues a
+rate limiter held. Callbacks must not block; an exception in one is logged
+and never stops the loop.
 """
 
 from __future__ import annotations
