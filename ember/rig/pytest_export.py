@@ -5,12 +5,16 @@ so the host can report the rig's results as its own pytest results; uses
 pytest's reporting hooks (pytest_runtest_logreport, pytest_collectreport).
 The file is rewritten as each test starts and ends, so when the rig is
 stopped part-way the host still learns every finished outcome and which
-test was running (outcome ``running``).
+test was running (outcome ``running``). A heartbeat file beside it is
+rewritten every few seconds, so the host can tell a slow test from an
+emulated host that stopped.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,24 @@ import pytest
 
 RESULTS_OPTION = "--ember-results"
 RUNNING = "running"
+HEARTBEAT_EVERY_S = 5.0
+
+
+def heartbeat_path(results: Path) -> Path:
+    """Where the heartbeat of the results file ``results`` is written."""
+    return results.with_name(results.name + ".heartbeat")
+
+
+def _beat(path: Path, stop: threading.Event) -> None:
+    while True:
+        try:  # a new file each time, as for the results: what the host sees through 9p
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{time.time():.0f}\n")
+            tmp.replace(path)
+        except OSError:
+            pass  # the host side reads silence as a stall; nothing to do about it here
+        if stop.wait(HEARTBEAT_EVERY_S):
+            return
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,3 +111,7 @@ def pytest_configure(config: pytest.Config) -> None:
     target = config.getoption(RESULTS_OPTION)
     if target:
         config.pluginmanager.register(ResultExport(Path(target)), "ember-result-export")
+        stop = threading.Event()
+        config.add_cleanup(stop.set)
+        threading.Thread(target=_beat, args=(heartbeat_path(Path(target)), stop), name="ember-heartbeat",
+                         daemon=True).start()

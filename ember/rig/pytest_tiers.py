@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ember.errors import EmberError
-from ember.rig.pytest_export import RUNNING
+from ember.rig.pytest_export import RUNNING, heartbeat_path
 from ember.rig.qemu import TIMEOUT_STATUS
 
 TIER_DIRS = {"kvm": "kvm", "system": "system", "rig": "system"}
@@ -34,6 +34,7 @@ TEST_TIMEOUT_ENV = "EMBER_RIG_TEST_TIMEOUT"
 DEFAULT_TEST_TIMEOUT = 600  # one system test in the rig; the slowest takes about a minute
 RIG_KEY = "__rig__"
 STALL_GRACE_S = 120  # past a test's own limit, for pytest-timeout to fire and report inside the rig
+HEARTBEAT_STALL_S = 120  # the rig's pytest beats every 5 s; this long without one, the emulated host stopped
 MAX_RIG_BOOTS = 3
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
@@ -190,13 +191,20 @@ def _rig_summary(status: int | None, why_stopped: str, results: dict[str, Any]) 
     return f"the rig's pytest ended (exit status {status}) before this test ran"
 
 
+def _stall_reason(watch) -> str:
+    if watch.reason.startswith("stopped writing its heartbeat"):
+        return f"the emulated host stopped (no heartbeat for {watch.heartbeat_stall_s:g} s)"
+    return f"no test started or ended for {watch.stall_s:g} s"
+
+
 def _boot_once(config: pytest.Config, nodeids: list[str], results: Path,
                timeout: float) -> tuple[dict[str, Any], str, int | None]:
     """One rig boot over ``nodeids``: (the outcomes it wrote, how it ended, its exit status)."""
     from ember.rig import ProgressWatch, run
 
     test_timeout = int(os.environ.get(TEST_TIMEOUT_ENV, DEFAULT_TEST_TIMEOUT))
-    watch = ProgressWatch(results, test_timeout + STALL_GRACE_S)
+    watch = ProgressWatch(results, test_timeout + STALL_GRACE_S,
+                          heartbeat=heartbeat_path(results), heartbeat_stall_s=HEARTBEAT_STALL_S)
     try:
         status = run(rig_pytest_argv(nodeids, results, test_timeout), cwd=config.rootpath, timeout=timeout,
                      out_dir=results.parent, watch=watch)
@@ -204,8 +212,7 @@ def _boot_once(config: pytest.Config, nodeids: list[str], results: Path,
     except EmberError as exc:
         status, failure = None, f"the rig failed: {exc}"
     got = json.loads(results.read_text()) if results.exists() else {}
-    why = (f"no test started or ended for {watch.stall_s:g} s" if watch.tripped
-           else f"the {RIG_TIMEOUT_ENV} limit ran out")
+    why = (_stall_reason(watch) if watch.tripped else f"the {RIG_TIMEOUT_ENV} limit ran out")
     summary = failure or _rig_summary(status, why, got)
     for entry in got.values():
         if entry["outcome"] == RUNNING:

@@ -145,25 +145,52 @@ def console_tail(run: RigRun) -> str:
 
 @dataclass
 class ProgressWatch:
-    """Stop the rig when ``path`` (a file the command rewrites as it goes) has not
-    changed for ``stall_s`` seconds: a hung rig then costs minutes, not the whole limit."""
+    """Stop the rig when it stops making progress, so a hung rig costs minutes, not the whole limit.
+
+    ``path`` is a file the command rewrites as it goes (a test's start and end);
+    ``stall_s`` without a change means the command hung. ``heartbeat``, once it
+    exists, is a file the command rewrites every few seconds whatever it is
+    doing; ``heartbeat_stall_s`` without a change means the emulated host itself
+    stopped (seen: both of its CPUs livelocked in QEMU, nothing printed).
+    """
 
     path: Path
     stall_s: float
+    heartbeat: Path | None = None
+    heartbeat_stall_s: float = 0.0
     _seen: tuple[int, int] | None = None
     _since: float | None = None  # the first look, just after QEMU started
+    _beat: tuple[int, int] | None = None
+    _beat_since: float | None = None
     tripped: bool = False  # it stopped the rig
+    reason: str = ""
 
     def stalled(self, now: float) -> bool:
-        try:
-            info = self.path.stat()
-            seen = (info.st_mtime_ns, info.st_size)
-        except FileNotFoundError:
-            seen = None
+        seen = _stamp(self.path)
         if seen != self._seen or self._since is None:
             self._seen, self._since = seen, now
-        self.tripped = now - self._since >= self.stall_s
+        if now - self._since >= self.stall_s:
+            self.tripped, self.reason = True, f"showed no progress in {self.path.name} for {self.stall_s:g} s"
+        elif self.heartbeat is not None and self._heartbeat_stopped(now):
+            self.tripped = True
+            self.reason = f"stopped writing its heartbeat {self.heartbeat.name} for {self.heartbeat_stall_s:g} s"
         return self.tripped
+
+    def _heartbeat_stopped(self, now: float) -> bool:
+        beat = _stamp(self.heartbeat)
+        if beat is None:  # not started yet: only the progress rule applies
+            return False
+        if beat != self._beat or self._beat_since is None:
+            self._beat, self._beat_since = beat, now
+        return now - self._beat_since >= self.heartbeat_stall_s
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return None
+    return info.st_mtime_ns, info.st_size
 
 
 def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None) -> str | None:
@@ -173,7 +200,7 @@ def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWat
         if now >= deadline:
             return late
         if watch is not None and watch.stalled(now):
-            return f"showed no progress in {watch.path.name} for {watch.stall_s:g} s"
+            return watch.reason
         try:
             proc.wait(timeout=min(WATCH_POLL_S, deadline - now))
             return None

@@ -64,6 +64,7 @@ PROGRESS_SAMPLE = textwrap.dedent("""\
         got = json.loads(open(os.environ["RESULTS"]).read())
         assert got["test_progress.py::test_first"]["outcome"] == "passed"
         assert got["test_progress.py::test_sees_itself_running"]["outcome"] == "running"
+        assert open(os.environ["RESULTS"] + ".heartbeat").read().strip().isdigit()  # beating from the start
 
     def test_hangs():
         time.sleep(60)
@@ -171,6 +172,23 @@ def test_progress_watch_fires_only_after_a_quiet_spell(tmp_path: Path) -> None:
     assert not watch.stalled(109.5)  # a change restarts the clock
     assert not watch.stalled(119.0)
     assert watch.stalled(119.5)
+
+
+def test_a_stopped_heartbeat_stops_the_rig_long_before_the_progress_rule(tmp_path: Path) -> None:
+    from ember.rig.pytest_export import heartbeat_path
+    from ember.rig.qemu import ProgressWatch
+
+    progress = tmp_path / "results.json"
+    beat = heartbeat_path(progress)
+    watch = ProgressWatch(progress, stall_s=720, heartbeat=beat, heartbeat_stall_s=30)
+    assert not watch.stalled(0.0) and not watch.stalled(100.0)  # no heartbeat yet: pytest still starting
+    beat.write_text("1")
+    assert not watch.stalled(101.0)
+    for now in (120.0, 140.0, 160.0):  # a test may run long while the heartbeat goes on
+        beat.write_text(str(now))
+        assert not watch.stalled(now)
+    assert not watch.stalled(189.0)  # the last change seen was at 160
+    assert watch.stalled(190.0) and watch.reason == "stopped writing its heartbeat results.json.heartbeat for 30 s"
 
 
 class _Config:
