@@ -36,6 +36,8 @@ RIG_KEY = "__rig__"
 STALL_GRACE_S = 120  # past a test's own limit, for pytest-timeout to fire and report inside the rig
 HEARTBEAT_STALL_S = 120  # the rig's pytest beats every 5 s; this long without one, the emulated host stopped
 MAX_RIG_BOOTS = 3
+# A guest triple fault no test asked for: seen twice in the rig, never in reruns (TCG's nested SVM).
+EMULATOR_FAULT_MARK = "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
 _RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
@@ -180,6 +182,11 @@ def rig_pytest_argv(nodeids: list[str], results: Path, test_timeout: int = DEFAU
             "-o", "console_output_style=classic", *nodeids]
 
 
+def _emulator_fault(entry: dict[str, Any]) -> bool:
+    """A failure whose guest triple-faulted: reported as such, and rerun once in a fresh boot."""
+    return entry["outcome"] in ("failed", "error") and EMULATOR_FAULT_MARK in entry.get("longrepr", "")
+
+
 def _rig_summary(status: int | None, why_stopped: str, results: dict[str, Any]) -> str:
     """One line on how a rig boot ended, for tests that have no outcome of their own."""
     running = [nodeid for nodeid, entry in results.items() if entry.get("outcome") == RUNNING]
@@ -225,7 +232,9 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     started or ended for longer than one test's limit, and the tests it never reached
     get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier.
     The test such a boot was in runs once more: a test that hangs by itself is failed by
-    its own limit inside the rig, so a boot that stops progressing is the emulator's."""
+    its own limit inside the rig, so a boot that stops progressing is the emulator's.
+    So does a test that failed because its guest triple-faulted (EMULATOR_FAULT_MARK),
+    once, with a line in the output that says so; a second fault fails it."""
     out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
     capman = config.pluginmanager.getplugin("capturemanager")
     deadline = time.monotonic() + float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
@@ -252,12 +261,20 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 # its own limit would have failed it inside the rig. The emulated host stopped
                 # making progress under it, so it gets one more try in the fresh boot.
                 wedged = [n for n, entry in got.items() if entry["outcome"] == RUNNING and n not in retried]
-                retried.update(wedged)
-                remaining = wedged + [nodeid for nodeid in remaining if nodeid not in got]
-                if status != TIMEOUT_STATUS or not remaining or time.monotonic() >= deadline:
+                faulted = [n for n, entry in got.items() if _emulator_fault(entry) and n not in retried]
+                retried.update(wedged + faulted)
+                unreached = [nodeid for nodeid in remaining if nodeid not in got]
+                remaining = wedged + faulted + unreached
+                stopped = status == TIMEOUT_STATUS and (wedged or unreached)
+                if not (stopped or faulted) or not remaining or time.monotonic() >= deadline:
                     break
-                again = f"; {', '.join(wedged)} runs again" if wedged else ""
-                sys.stdout.write(f"\nember: {summary}{again}; a fresh rig boot runs {len(remaining)} test(s)\n")
+                why = [summary] if status == TIMEOUT_STATUS else []
+                if wedged:
+                    why.append(f"{', '.join(wedged)} runs again")
+                if faulted:
+                    why.append(f"{', '.join(faulted)} failed with a guest triple fault no test asked for"
+                               " (the emulated CPU's, so far) and runs once more")
+                sys.stdout.write(f"\nember: {'; '.join(why)}; a fresh rig boot runs {len(remaining)} test(s)\n")
                 sys.stdout.flush()
         return outcomes
     finally:

@@ -259,3 +259,71 @@ def test_a_test_under_which_the_rig_stops_twice_fails_and_the_rest_still_run(tmp
     outcomes = {n: got[n]["outcome"] for n in IDS}
     assert outcomes == {IDS[0]: "passed", IDS[1]: "running", IDS[2]: "passed", IDS[3]: "passed"}
     assert f"while {IDS[1]} was running" in got[IDS[1]]["longrepr"]  # reported as not finished
+
+
+def _faulting_rig(faults_in: str, times: int):
+    """A stand-in for ember.rig.run whose boots all end normally; ``faults_in`` fails the first
+    ``times`` times the way a guest triple fault the test did not ask for fails it."""
+    import ember.rig.pytest_tiers as tiers
+
+    boots: list[list[str]] = []
+
+    def fake_run(argv, *, cwd, timeout, out_dir, watch):
+        nodeids = [a for a in argv if a.startswith("tests/")]
+        boots.append(nodeids)
+        results = Path(next(a for a in argv if a.startswith("--ember-results=")).split("=", 1)[1])
+        got = {}
+        for nodeid in nodeids:
+            faulted = nodeid.endswith(faults_in) and sum(nodeid in b for b in boots) <= times
+            got[nodeid] = {"outcome": "failed" if faulted else "passed", "reason": "", "duration": 1.0,
+                           "longrepr": f"[call] assert 65 == 0\nember: guest triple-fault: {tiers.EMULATOR_FAULT_MARK}"
+                           if faulted else ""}
+        results.write_text(json.dumps(got))
+        return 1 if any(e["outcome"] == "failed" for e in got.values()) else 0
+
+    return fake_run, boots
+
+
+def test_a_test_whose_guest_triple_faults_runs_once_more_and_says_so(tmp_path, monkeypatch, capsys) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _faulting_rig("test_c", times=1)
+    monkeypatch.setattr(ember.rig, "run", fake_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, [IDS[2]]]
+    assert {n: got[n]["outcome"] for n in IDS} == dict.fromkeys(IDS, "passed")
+    out = capsys.readouterr().out
+    assert (f"ember: {IDS[2]} failed with a guest triple fault no test asked for (the emulated CPU's, so far) "
+            "and runs once more; a fresh rig boot runs 1 test(s)") in out
+
+
+def test_a_second_guest_triple_fault_fails_the_test(tmp_path, monkeypatch) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _faulting_rig("test_c", times=2)
+    monkeypatch.setattr(ember.rig, "run", fake_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, [IDS[2]]]  # one rerun only
+    assert got[IDS[2]]["outcome"] == "failed" and tiers.EMULATOR_FAULT_MARK in got[IDS[2]]["longrepr"]
+
+
+def test_an_ordinary_failure_is_not_rerun(tmp_path, monkeypatch) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _faulting_rig("test_c", times=1)
+
+    def plain_failure(argv, **kwargs):
+        status = fake_run(argv, **kwargs)
+        results = Path(next(a for a in argv if a.startswith("--ember-results=")).split("=", 1)[1])
+        got = json.loads(results.read_text())
+        for entry in got.values():
+            entry["longrepr"] = entry["longrepr"].replace(tiers.EMULATOR_FAULT_MARK, "assert 3 == 0")
+        results.write_text(json.dumps(got))
+        return status
+
+    monkeypatch.setattr(ember.rig, "run", plain_failure)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS] and got[IDS[2]]["outcome"] == "failed"
