@@ -35,9 +35,9 @@ class CoalescedReplay:
         """Apply every queued write, oldest first; returns how many."""
         return self.ring.drain(self._write)
 
-    def replay_if_pending(self) -> None:
-        if self.ring.pending():
-            self.ring.drain(self._write)
+    def replay_if_pending(self) -> int:
+        """replay(), after a lock-free look at the ring finds something to replay."""
+        return self.ring.drain(self._write) if self.ring.pending() else 0
 
     def _write(self, addr: int, data: bytes) -> None:
         start = time.perf_counter_ns()

@@ -48,8 +48,7 @@ class VcpuLoop:
         while True:
             reason = vcpu.run()
             start = clock()
-            if queued is not None and queued.pending():
-                queued.replay()
+            if queued is not None and queued.replay_if_pending():
                 start = clock()
             if reason == k.KVM_EXIT_IO:
                 record("io", self._pio(), clock() - start)

@@ -30,12 +30,17 @@ def heartbeat_path(results: Path) -> Path:
     return results.with_name(results.name + ".heartbeat")
 
 
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` as a new file that replaces ``path``: what the host sees through 9p."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _beat(path: Path, stop: threading.Event) -> None:
     while True:
-        try:  # a new file each time, as for the results: what the host sees through 9p
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(f"{time.time():.0f}\n")
-            tmp.replace(path)
+        try:
+            _replace_file(path, f"{time.time():.0f}\n")
         except OSError:
             pass  # the host side reads silence as a stall; nothing to do about it here
         if stop.wait(HEARTBEAT_EVERY_S):
@@ -65,9 +70,7 @@ class ResultExport:
         return self.results.setdefault(nodeid, {"outcome": "passed", "longrepr": "", "reason": "", "duration": 0.0})
 
     def write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.path)
+        _replace_file(self.path, json.dumps(self.results, indent=1))
 
     @pytest.hookimpl
     def pytest_runtest_logstart(self, nodeid: str) -> None:

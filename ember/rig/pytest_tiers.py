@@ -199,7 +199,7 @@ def _rig_summary(status: int | None, why_stopped: str, results: dict[str, Any]) 
 
 
 def _stall_reason(watch) -> str:
-    if watch.reason.startswith("stopped writing its heartbeat"):
+    if watch.heartbeat_silent:
         return f"the emulated host stopped (no heartbeat for {watch.heartbeat_stall_s:g} s)"
     return f"no test started or ended for {watch.stall_s:g} s"
 

@@ -158,39 +158,41 @@ class ProgressWatch:
     stall_s: float
     heartbeat: Path | None = None
     heartbeat_stall_s: float = 0.0
-    _seen: tuple[int, int] | None = None
-    _since: float | None = None  # the first look, just after QEMU started
-    _beat: tuple[int, int] | None = None
-    _beat_since: float | None = None
+    _progress: _Quiet = field(default_factory=lambda: _Quiet())
+    _beats: _Quiet = field(default_factory=lambda: _Quiet())
     tripped: bool = False  # it stopped the rig
+    heartbeat_silent: bool = False  # ... because the heartbeat stopped, not the progress
     reason: str = ""
 
     def stalled(self, now: float) -> bool:
-        seen = _stamp(self.path)
-        if seen != self._seen or self._since is None:
-            self._seen, self._since = seen, now
-        if now - self._since >= self.stall_s:
+        quiet, _ = self._progress.seconds(self.path, now)
+        if quiet >= self.stall_s:
             self.tripped, self.reason = True, f"showed no progress in {self.path.name} for {self.stall_s:g} s"
-        elif self.heartbeat is not None and self._heartbeat_stopped(now):
-            self.tripped = True
-            self.reason = f"stopped writing its heartbeat {self.heartbeat.name} for {self.heartbeat_stall_s:g} s"
+        elif self.heartbeat is not None:
+            silent, beating = self._beats.seconds(self.heartbeat, now)
+            if beating and silent >= self.heartbeat_stall_s:  # before the first beat, only the progress rule
+                self.tripped = self.heartbeat_silent = True
+                self.reason = f"stopped writing its heartbeat {self.heartbeat.name} for {self.heartbeat_stall_s:g} s"
         return self.tripped
 
-    def _heartbeat_stopped(self, now: float) -> bool:
-        beat = _stamp(self.heartbeat)
-        if beat is None:  # not started yet: only the progress rule applies
-            return False
-        if beat != self._beat or self._beat_since is None:
-            self._beat, self._beat_since = beat, now
-        return now - self._beat_since >= self.heartbeat_stall_s
 
+@dataclass
+class _Quiet:
+    """How long a file has gone unchanged, from successive looks; the first look starts the clock."""
 
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        return None
-    return info.st_mtime_ns, info.st_size
+    stamp: tuple[int, int] | None = None
+    since: float | None = None
+
+    def seconds(self, path: Path, now: float) -> tuple[float, bool]:
+        """(seconds since the file last changed, whether it exists)."""
+        try:
+            info = path.stat()
+            stamp = (info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self.stamp or self.since is None:
+            self.stamp, self.since = stamp, now
+        return now - self.since, stamp is not None
 
 
 def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None) -> str | None:
