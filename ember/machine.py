@@ -25,6 +25,7 @@ from ember.devices.bus import Bus
 from ember.devices.legacy.boot_timer import BootTimer
 from ember.devices.legacy.i8042 import I8042
 from ember.devices.legacy.serial import Serial
+from ember.devices.virtio.mirror import RegisterMirror
 from ember.devices.virtio.mmio import REG_INTERRUPT_ACK, REG_QUEUE_NOTIFY, REG_SIZE, VirtioMmioTransport, cmdline_param
 from ember.errors import EmberError
 from ember.eventloop import EventLoop
@@ -32,7 +33,7 @@ from ember.exitstats import ExitStats
 from ember.interrupts import IrqfdLine
 from ember.kvm import Kvm
 from ember.kvm.coalesced import CoalescedMmioRing
-from ember.kvm.structs import KVM_CAP_COALESCED_MMIO
+from ember.kvm.structs import KVM_CAP_COALESCED_MMIO, KVM_CAP_READONLY_MEM, KVM_MEM_READONLY
 from ember.memory import GuestMemory
 from ember.mmio_replay import CoalescedReplay
 from ember.outcome import ExitInfo, ExitReason
@@ -47,6 +48,7 @@ SERIAL_PORTS = 8
 I8042_PORT, I8042_PORTS = 0x60, 5
 POST_PORT = 0x80  # Linux's io_delay port: a write-only sink
 FIRST_VIRTIO_IRQ = 5
+MIRROR_FIRST_SLOT = 256  # KVM memory slots of the register mirrors; guest RAM uses the first few
 
 
 class QueueNotifier:
@@ -123,7 +125,8 @@ class MicroVM:
 
     def __init__(self, config: cfg.VmConfig, *, console: str = "stdio",
                  console_input: int | None = None, kvm_path: str = "/dev/kvm",
-                 agent_socket: str | None = None, started_ns: int | None = None) -> None:
+                 agent_socket: str | None = None, started_ns: int | None = None,
+                 mirror_registers: bool = True) -> None:
         cfg.validate(config)
         self.config = config
         self.state = "Not started"
@@ -131,6 +134,7 @@ class MicroVM:
         self._console_input_fd = console_input
         self._kvm_path = kvm_path
         self._agent_socket = agent_socket
+        self._mirror_registers = mirror_registers  # False: every register load exits (for tracing)
         self._started_ns = started_ns or time.monotonic_ns()
         self._lock = threading.Condition()
         self._exit: ExitInfo | None = None
@@ -273,7 +277,8 @@ class MicroVM:
         gsi = FIRST_VIRTIO_IRQ + index
         if gsi > layout.IRQ_MAX:
             raise EmberError(f"too many virtio devices: at most {layout.IRQ_MAX - FIRST_VIRTIO_IRQ + 1}")
-        transport = VirtioMmioTransport(device, self.memory, self._irq(gsi))
+        transport = VirtioMmioTransport(device, self.memory, self._irq(gsi), self._mirror_window(index, base))
+        transport.catch_up = self._replay_coalesced
         self._closers.append(transport)
         self.mmio_bus.register(base, size, transport, name=name)
         for queue in range(transport.num_queues):
@@ -285,14 +290,29 @@ class MicroVM:
         self.virtio_devices[name] = transport
         return transport
 
+    def _mirror_window(self, index: int, base: int) -> RegisterMirror | None:
+        """Map a page of register values over a device's window, read-only, so that the
+        guest's register loads (InterruptStatus on every interrupt) need no exit.
+
+        Stores to the window still exit, or reach an ioeventfd or the coalesced ring: KVM
+        treats a store to read-only memory as MMIO. None where KVM lacks read-only memory.
+        """
+        if not self._mirror_registers or self.kvm.check_extension(KVM_CAP_READONLY_MEM) <= 0:
+            return None
+        mirror = RegisterMirror()
+        self._closers.append(mirror)  # closed after the transport that publishes to it
+        self.vm.set_user_memory_region(MIRROR_FIRST_SLOT + index, base, mirror.size, mirror.host_address,
+                                       KVM_MEM_READONLY)
+        return mirror
+
     def _coalesce_interrupt_acks(self, vcpu) -> CoalescedReplay | None:
         """Let the guest's InterruptACK writes (one per virtio interrupt) skip their exit.
 
         KVM queues them in the coalesced MMIO ring. The event loop replays them
         when the guest's next queue notify wakes it, and a vCPU before its next
         exit, whichever comes first (mmio_replay.py). The transport's
-        acknowledgement rule keeps a late ACK from hiding a newer interrupt
-        (mmio.py). None where KVM lacks the ring.
+        interrupts replay the queued ACKs first, so a late ACK never hides a newer
+        interrupt (mmio.py). None where KVM lacks the ring.
         """
         page = self.kvm.check_extension(KVM_CAP_COALESCED_MMIO)
         if page <= 0 or not self.virtio_devices:

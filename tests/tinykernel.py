@@ -55,3 +55,22 @@ def elf64(code: bytes, load_addr: int = LOAD_ADDR) -> bytes:
     phdr = struct.pack("<IIQQQQQQ", 1, 5, offset, load_addr, load_addr, len(code), len(code), 0x1000)
     image = header + phdr
     return image + bytes(offset - len(image)) + code
+
+
+def print_virtio_identity(window: int) -> bytes:
+    """Print a virtio-mmio window's MagicValue (4 characters) and its DeviceID as a digit,
+    then load InterruptStatus ``loads`` times: every register access is a guest load."""
+    code = b"\xbe" + struct.pack("<I", window)             # mov esi, window
+    code += b"\x66\xba" + struct.pack("<H", COM1)          # mov dx, COM1
+    code += b"\x8b\x1e"                                     # mov ebx, [rsi]: MagicValue
+    for _ in range(4):
+        code += b"\x88\xd8\xee\xc1\xeb\x08"            # mov al, bl; out dx, al; shr ebx, 8
+    code += b"\x8b\x5e\x08"                                # mov ebx, [rsi+8]: DeviceID
+    code += b"\x88\xd8\x04\x30\xee"                      # mov al, bl; add al, '0'; out dx, al
+    return code
+
+
+def load_interrupt_status(window: int, loads: int) -> bytes:
+    """Load a virtio-mmio window's InterruptStatus ``loads`` times."""
+    return (b"\xbe" + struct.pack("<I", window)             # mov esi, window
+            + b"\x8b\x46\x60" * loads)                     # mov eax, [rsi+0x60]

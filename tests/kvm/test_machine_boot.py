@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 from ember import config as cfg
+from ember.arch.x86_64 import layout
 from ember.machine import MicroVM
 from ember.outcome import ExitReason
 from tests import tinykernel as tk
@@ -18,15 +19,17 @@ from tests import tinykernel as tk
 pytestmark = pytest.mark.kvm
 
 
-def boot(tmp_path, code: bytes, *, vcpus: int = 1, timeout: float = 60):
+def boot(tmp_path, code: bytes, *, vcpus: int = 1, timeout: float = 60, entropy: bool = False,
+         **options):
     kernel = tmp_path / "tiny.elf"
     kernel.write_bytes(tk.elf64(code))
     console = tmp_path / "console.log"
     vm_config = cfg.VmConfig(
         boot_source=cfg.BootSource(kernel_image_path=str(kernel), boot_args="console=ttyS0"),
         machine_config=cfg.MachineConfig(vcpu_count=vcpus, mem_size_mib=64),
+        entropy=cfg.Entropy() if entropy else None,
     )
-    vm = MicroVM(vm_config, console=f"file:{console}")
+    vm = MicroVM(vm_config, console=f"file:{console}", **options)
     vm.start()
     info = vm.wait(timeout=timeout)
     if info is None:
@@ -51,6 +54,20 @@ def test_boot_timer_and_exit_status_mean_poweroff(tmp_path):
     assert info.status == 7 and info.exit_code == 7
     assert vm.boot_time_ns is not None and vm.boot_time_ns > 0
     assert vm.metrics()["exits"]["by_reason"]["mmio"]["count"] == 2
+
+
+@pytest.mark.parametrize("mirror", [True, False], ids=["mirrored", "exiting"])
+def test_virtio_register_loads_need_no_exit_when_mirrored(tmp_path, mirror):
+    """The guest reads the rng's window (MagicValue, DeviceID, InterruptStatus): from the
+    read-only register page without an exit, or through an exit each when mirroring is off."""
+    window = layout.virtio_mmio_window(0)[0]
+    code = (tk.print_virtio_identity(window) + tk.load_interrupt_status(window, 5)
+            + tk.i8042_reset() + tk.halt_forever())
+    vm, info, console = boot(tmp_path, code, entropy=True, mirror_registers=mirror)
+    assert info.reason is ExitReason.REBOOT
+    assert console == b"virt4"  # "virt", then virtio-rng's DeviceID
+    window_exits = vm.metrics()["exits"]["by_device"].get(f"mmio:{window:#x}", {"count": 0})["count"]
+    assert window_exits == (0 if mirror else 7)
 
 
 def test_stop_ends_a_running_guest(tmp_path):

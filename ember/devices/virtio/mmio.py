@@ -4,16 +4,19 @@ Decodes the register window (4.2.2), runs device status and feature
 negotiation (2.1, 2.2, 3.1), sets up queues and raises interrupts. A guest
 that breaks the protocol gets DEVICE_NEEDS_RESET (2.1.2), never an exception.
 
-InterruptACK clears only what the driver has read from InterruptStatus since
-the bit was last raised: Ember lets KVM queue ACK writes (coalesced MMIO) and
-replays them late, and a late ACK must not hide an interrupt raised after the
-driver's read. At worst the driver sees one interrupt with nothing new to do.
+With a RegisterMirror (mirror.py) the guest reads registers from memory, with
+no exit; every change is published there before the guest can look. KVM may
+queue InterruptACK writes in its coalesced ring (Ember replays them late), so
+raising an interrupt first replays the queued ACKs: a late ACK then never
+hides an interrupt raised after it. At worst the driver sees one interrupt
+with nothing new to do.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import msgspec
 
@@ -24,6 +27,7 @@ from ember.devices.virtio.device import (
     DeviceState,
     VirtioDevice,
 )
+from ember.devices.virtio.mirror import RegisterMirror
 from ember.devices.virtio.queue import QueueState, Virtqueue, VirtqueueError
 from ember.memory import GuestMemoryError
 
@@ -59,6 +63,8 @@ REG_QUEUE_DEVICE_LOW = 0x0A0
 REG_QUEUE_DEVICE_HIGH = 0x0A4
 REG_SHM_SEL = 0x0AC
 REG_SHM_LEN_LOW = 0x0B0
+REG_SHM_LEN_HIGH = 0x0B4
+REG_SHM_BASE_LOW = 0x0B8
 REG_SHM_BASE_HIGH = 0x0BC
 REG_CONFIG_GENERATION = 0x0FC
 REG_CONFIG = 0x100
@@ -86,6 +92,18 @@ _QUEUE_ADDRESS_REGS = {
     REG_QUEUE_DRIVER_LOW: ("driver_addr", 0), REG_QUEUE_DRIVER_HIGH: ("driver_addr", 32),
     REG_QUEUE_DEVICE_LOW: ("device_addr", 0), REG_QUEUE_DEVICE_HIGH: ("device_addr", 32),
 }
+_SHM_REGS = (REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH, REG_SHM_BASE_LOW, REG_SHM_BASE_HIGH)
+# What the selected queue shows; the registers a guest can read that change.
+_QUEUE_READABLE = (REG_QUEUE_NUM_MAX, REG_QUEUE_READY, *_QUEUE_ADDRESS_REGS)
+_VOLATILE = (REG_DEVICE_FEATURES, *_QUEUE_READABLE, REG_INTERRUPT_STATUS, REG_STATUS, REG_CONFIG_GENERATION)
+# Registers whose value a write to the key register can change (for the mirror).
+_SHOWN_AFTER_WRITE = {
+    REG_DEVICE_FEATURES_SEL: (REG_DEVICE_FEATURES,),
+    REG_QUEUE_SEL: _QUEUE_READABLE,
+    REG_QUEUE_READY: (REG_QUEUE_READY,),
+    REG_STATUS: (REG_STATUS,),
+    **{offset: (offset,) for offset in _QUEUE_ADDRESS_REGS},
+}
 
 
 def cmdline_param(base: int, size: int, irq: int) -> str:
@@ -103,7 +121,6 @@ class TransportState(msgspec.Struct):
     driver_features: int = 0
     queue_sel: int = 0
     interrupt_status: int = 0
-    interrupt_seen: int = 0  # the InterruptStatus bits the driver read, not raised again since
     config_generation: int = 0
     queues: list[QueueState] = []
     device: DeviceState | None = None
@@ -112,14 +129,24 @@ class TransportState(msgspec.Struct):
 class VirtioMmioTransport:
     """One virtio-mmio register window in front of one VirtioDevice."""
 
-    def __init__(self, device: VirtioDevice, memory, irq) -> None:
+    def __init__(self, device: VirtioDevice, memory, irq, mirror: RegisterMirror | None = None) -> None:
         self.device = device
         self.memory = memory
         self.irq = irq
+        self.mirror = mirror
         self.queues = [Virtqueue(memory, size) for size in device.queue_max_sizes]
         self.state = TransportState(queues=[q.state for q in self.queues])
         self._lock = threading.RLock()
+        # InterruptStatus alone: taken by ACKs replayed under the coalesced ring's lock,
+        # which must never wait for the transport lock (its holder may be replaying).
+        self._irq_lock = threading.Lock()
+        self.catch_up: Callable[[], object] = lambda: None  # replays ACKs KVM has queued
+        self._constants = {
+            REG_MAGIC: MAGIC_VALUE, REG_VERSION: VERSION, REG_DEVICE_ID: device.device_id,
+            REG_VENDOR_ID: VENDOR_ID, **dict.fromkeys(_SHM_REGS, NO_SHM_REGION),
+        }
         device.bind(self._signal_used, self.notify)
+        self._publish_all()
 
     @property
     def num_queues(self) -> int:
@@ -151,11 +178,16 @@ class VirtioMmioTransport:
 
     def write(self, offset: int, data: bytes) -> None:
         """A guest store to the window; bad accesses are ignored."""
+        if offset == REG_INTERRUPT_ACK and len(data) == REG_SIZE:
+            self._acknowledge(int.from_bytes(data, "little"))
+            return
         with self._lock:
             if offset >= REG_CONFIG:
                 self.device.write_config(offset - REG_CONFIG, bytes(data))
+                self._publish_config()
             elif len(data) == REG_SIZE and offset % REG_SIZE == 0 and offset >= 0:
                 self._write_register(offset, int.from_bytes(data, "little"))
+                self._publish(_SHOWN_AFTER_WRITE.get(offset, ()))
             else:
                 log.debug("virtio-mmio: ignored %d-byte write at %#x", len(data), offset)
 
@@ -165,26 +197,27 @@ class VirtioMmioTransport:
         return self.queues[sel] if sel < len(self.queues) else None
 
     def _read_register(self, offset: int) -> int:
+        """A register's value; reading has no side effect (the mirror shows the same)."""
         s = self.state
-        if offset == REG_INTERRUPT_STATUS:  # the hot one: every interrupt reads it
-            s.interrupt_seen = s.interrupt_status
+        if offset == REG_INTERRUPT_STATUS:
             return s.interrupt_status
-        queue = self._selected_queue()
+        if offset == REG_STATUS:
+            return s.status
+        if offset == REG_CONFIG_GENERATION:
+            return s.config_generation
         if offset == REG_DEVICE_FEATURES:
             return self.device_features >> (32 * s.device_features_sel) if s.device_features_sel < 2 else 0
-        if offset in _QUEUE_ADDRESS_REGS and queue is not None:
+        if offset in _QUEUE_READABLE:
+            queue = self._selected_queue()
+            if queue is None:
+                return 0
+            if offset == REG_QUEUE_NUM_MAX:
+                return queue.state.max_size
+            if offset == REG_QUEUE_READY:
+                return int(queue.state.ready)
             name, shift = _QUEUE_ADDRESS_REGS[offset]
             return getattr(queue.state, name) >> shift
-        if REG_SHM_LEN_LOW <= offset <= REG_SHM_BASE_HIGH:
-            return NO_SHM_REGION
-        simple = {
-            REG_MAGIC: MAGIC_VALUE, REG_VERSION: VERSION, REG_DEVICE_ID: self.device.device_id,
-            REG_VENDOR_ID: VENDOR_ID, REG_STATUS: s.status,
-            REG_CONFIG_GENERATION: s.config_generation,
-            REG_QUEUE_NUM_MAX: queue.state.max_size if queue else 0,
-            REG_QUEUE_READY: int(queue.state.ready) if queue else 0,
-        }
-        return simple.get(offset, 0)
+        return self._constants.get(offset, 0)
 
     def _write_register(self, offset: int, value: int) -> None:
         s = self.state
@@ -198,9 +231,6 @@ class VirtioMmioTransport:
             s.queue_sel = value
         elif offset == REG_QUEUE_NOTIFY:
             self.notify(value)
-        elif offset == REG_INTERRUPT_ACK:
-            s.interrupt_status &= ~(value & s.interrupt_seen)
-            s.interrupt_seen &= ~value
         elif offset == REG_STATUS:
             self._write_status(value)
         elif offset in (REG_QUEUE_NUM, REG_QUEUE_READY) or offset in _QUEUE_ADDRESS_REGS:
@@ -294,7 +324,9 @@ class VirtioMmioTransport:
             for queue in self.queues:
                 queue.reset()
             generation = self.state.config_generation
-            self.state = TransportState(queues=[q.state for q in self.queues], config_generation=generation)
+            with self._irq_lock:
+                self.state = TransportState(queues=[q.state for q in self.queues], config_generation=generation)
+            self._publish_all()
 
     def close(self) -> None:
         """Tear down: drop every view into guest memory and close the device's backend."""
@@ -324,23 +356,63 @@ class VirtioMmioTransport:
                 self._interrupt(INT_USED_BUFFER)
 
     def config_changed(self) -> None:
-        """The device's config space changed: bump the generation and tell the driver."""
+        """The device's config space changed: bump the generation and tell the driver.
+
+        With a mirror the generation moves before and after the new bytes land, so
+        a driver's generation check (2.5.1) catches a read that overlapped the copy.
+        """
         with self._lock:
-            self.state.config_generation = (self.state.config_generation + 1) & U32_MASK
+            self._bump_generation()
+            if self.mirror is not None:
+                self._publish_config()
+                self._bump_generation()
             if self.state.status & STATUS_DRIVER_OK:
                 self._interrupt(INT_CONFIG_CHANGE)
 
+    def _bump_generation(self) -> None:
+        self.state.config_generation = (self.state.config_generation + 1) & U32_MASK
+        self._publish((REG_CONFIG_GENERATION,))
+
     def _interrupt(self, reason: int) -> None:
-        self.state.interrupt_status |= reason
-        self.state.interrupt_seen &= ~reason  # news the driver has not read yet
+        """Set ``reason`` in InterruptStatus and raise the line, after the ACKs already queued."""
+        self.catch_up()
+        with self._irq_lock:
+            self.state.interrupt_status |= reason
+            self._publish_interrupt_status()
         self.irq.trigger()
+
+    def _acknowledge(self, value: int) -> None:
+        """InterruptACK: the driver has handled these InterruptStatus bits."""
+        with self._irq_lock:
+            self.state.interrupt_status &= ~value
+            self._publish_interrupt_status()
 
     def _fail(self, exc: Exception) -> None:
         if self.state.status & STATUS_DEVICE_NEEDS_RESET:
             return
         log.error("virtio-mmio: device %d needs reset: %s", self.device.device_id, exc)
         self.state.status |= STATUS_DEVICE_NEEDS_RESET
+        self._publish((REG_STATUS,))
         self._interrupt(INT_CONFIG_CHANGE)
+
+    # -- the guest-readable mirror -----------------------------------------------------
+    def _publish(self, offsets) -> None:
+        mirror = self.mirror
+        if mirror is not None:
+            for offset in offsets:
+                mirror.set_word(offset, self._read_register(offset))
+
+    def _publish_interrupt_status(self) -> None:
+        if self.mirror is not None:
+            self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
+
+    def _publish_config(self) -> None:
+        if self.mirror is not None:
+            self.mirror.set_bytes(REG_CONFIG, self.device.config_bytes())
+
+    def _publish_all(self) -> None:
+        self._publish((*self._constants, *_VOLATILE))
+        self._publish_config()
 
     # -- snapshots -------------------------------------------------------------------
     def save_state(self) -> TransportState:
@@ -352,7 +424,8 @@ class VirtioMmioTransport:
         """Load saved registers and queues; re-map the rings if the driver was live."""
         with self._lock:
             self.reset()
-            self.state = msgspec.structs.replace(state, queues=[])
+            with self._irq_lock:
+                self.state = msgspec.structs.replace(state, queues=[])
             for queue, saved in zip(self.queues, state.queues):
                 queue.state = msgspec.structs.replace(saved)
             self.state.queues = [q.state for q in self.queues]
@@ -360,3 +433,4 @@ class VirtioMmioTransport:
                 self.device.restore_state(state.device)
             if self.state.status & STATUS_DRIVER_OK and not self.broken:
                 self._activate()
+            self._publish_all()

@@ -133,7 +133,10 @@ class MmioDriver:
         self.queues: list[DriverQueue] = []
 
     def read32(self, offset: int) -> int:
-        return int.from_bytes(self.transport.read(offset, 4), "little")
+        """A register load: from the transport's mirror where it has one, as a guest's would be."""
+        mirror = self.transport.mirror
+        data = mirror.read(offset, 4) if mirror is not None else self.transport.read(offset, 4)
+        return int.from_bytes(data, "little")
 
     def write32(self, offset: int, value: int) -> None:
         self.transport.write(offset, (value & 0xFFFFFFFF).to_bytes(4, "little"))
