@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--agent-sock", metavar="PATH", help="Unix socket for `ember exec` (default guest only)")
     run.add_argument("--verbose", "-v", action="store_true", help="print boot time and VM exits by reason")
     run.add_argument("--no-rig", action="store_true", help="never fall back to the rig")
+    run.add_argument("--register-exits", action="store_true",
+                     help="serve the guest's virtio register loads through VM exits instead of the "
+                          "read-only register page: slower, but every access shows in the exit table")
     run.add_argument("guest_command", nargs=argparse.REMAINDER, metavar="-- COMMAND",
                      help="command for the default guest's init to run (then it powers off)")
 
@@ -219,7 +222,8 @@ def boot(config, args: argparse.Namespace) -> int:
 
     stdin = sys.stdin.fileno() if args.console == "stdio" and _has_stdin() else None
     vm = MicroVM(config, console=args.console, console_input=stdin,
-                 agent_socket=args.agent_sock, started_ns=STARTED_NS)
+                 agent_socket=args.agent_sock, started_ns=STARTED_NS,
+                 mirror_registers=not args.register_exits)
     try:
         vm.start()
         info = vm.wait()
@@ -258,6 +262,8 @@ def _run_in_rig(why: str, config, args: argparse.Namespace, command: list[str]) 
         inner += ["--agent-sock", os.path.abspath(args.agent_sock)]
     if args.verbose:
         inner.append("--verbose")
+    if args.register_exits:
+        inner.append("--register-exits")
     if command:
         inner += ["--", *command]
     return rig.run(inner, cwd=os.getcwd())

@@ -1,11 +1,11 @@
 """Replaying the guest's coalesced MMIO writes into the device model.
 
 KVM queues guest writes to registered zones (virtio-mmio's InterruptACK) in
-the coalesced ring instead of exiting (ember/kvm/coalesced.py). Two threads
-replay them: a vCPU before it handles its next exit, and the event loop when a
-queue notification wakes it, which is right after the guest acknowledged the
-previous interrupt. The second keeps the replay off the vCPU's exit path, where
-the guest waits. Draining holds the ring's lock, so every write is applied
+the coalesced ring instead of exiting (ember/kvm/coalesced.py). A vCPU replays
+them before it handles its next exit; the event loop replays them when a queue
+notification wakes it (right after the guest acknowledged the previous
+interrupt) and before a transport raises an interrupt, so a late ACK never
+clears a newer one. Draining holds the ring's lock, so every write is applied
 once and in the guest's order, and the counters below change under that lock.
 """
 
