@@ -119,3 +119,41 @@ def test_a_closed_ring_reads_as_empty():
         assert ring.pending()
         ring.close()
         assert not ring.pending() and ring.drain(lambda a, d: None) == 0
+
+
+def test_raising_an_interrupt_first_applies_the_acks_kvm_queued():
+    """The guest acknowledged the first interrupt (queued in the ring, no exit); the device then
+    completes a second request. Its interrupt must survive that ACK: the transport replays the
+    ring before it sets InterruptStatus, so the late ACK clears only the first."""
+    from ember.devices.virtio import mmio
+    from ember.devices.virtio.mirror import RegisterMirror
+    from ember.devices.virtio.rng import RngDevice
+    from ember.devices.virtio.testdriver import BumpAllocator, MmioDriver
+    from tests.fakes import RecordingIrq
+
+    code = Asm().mov32(AX, mmio.INT_USED_BUFFER).store(ACK, 4, es=True).hlt().bytes()
+    with MicroGuest(code, mem_size=0x40000) as guest:
+        guest.set_segment_base("es", MMIO_BASE)
+        ring = ring_for(guest)
+        mirror = RegisterMirror()
+        transport = mmio.VirtioMmioTransport(RngDevice(queue_size=8), guest.memory, RecordingIrq(), mirror)
+        bus = Bus()
+        bus.register(MMIO_BASE, 0x1000, transport, name="rng")
+        replay = CoalescedReplay(ring, bus)
+        transport.catch_up = replay.replay_if_pending
+        try:
+            driver = MmioDriver(transport, guest.memory, BumpAllocator(0x10000, 0x40000))
+            (queue,) = driver.start(features=mmio.VIRTIO_F_VERSION_1)
+            queue.add_chain([driver.buffer(4, write=True)])
+            driver.kick(0)  # first interrupt
+            assert mirror.word(mmio.REG_INTERRUPT_STATUS) == mmio.INT_USED_BUFFER
+            assert guest.run_until_exit() == s.KVM_EXIT_HLT  # the guest's ACK waits in the ring
+            assert replay.pending()
+            queue.add_chain([driver.buffer(4, write=True)])
+            driver.kick(0)  # second interrupt
+            assert not replay.pending()
+            assert mirror.word(mmio.REG_INTERRUPT_STATUS) == mmio.INT_USED_BUFFER
+        finally:
+            transport.close()
+            mirror.close()
+            ring.close()

@@ -95,7 +95,7 @@ _QUEUE_ADDRESS_REGS = {
 _SHM_REGS = (REG_SHM_LEN_LOW, REG_SHM_LEN_HIGH, REG_SHM_BASE_LOW, REG_SHM_BASE_HIGH)
 # What the selected queue shows; the registers a guest can read that change.
 _QUEUE_READABLE = (REG_QUEUE_NUM_MAX, REG_QUEUE_READY, *_QUEUE_ADDRESS_REGS)
-_VOLATILE = (REG_DEVICE_FEATURES, *_QUEUE_READABLE, REG_INTERRUPT_STATUS, REG_STATUS, REG_CONFIG_GENERATION)
+_VOLATILE = (REG_DEVICE_FEATURES, *_QUEUE_READABLE, REG_STATUS, REG_CONFIG_GENERATION)  # InterruptStatus apart
 # Registers whose value a write to the key register can change (for the mirror).
 _SHOWN_AFTER_WRITE = {
     REG_DEVICE_FEATURES_SEL: (REG_DEVICE_FEATURES,),
@@ -403,6 +403,7 @@ class VirtioMmioTransport:
                 mirror.set_word(offset, self._read_register(offset))
 
     def _publish_interrupt_status(self) -> None:
+        """Under _irq_lock, with every change of InterruptStatus."""
         if self.mirror is not None:
             self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
 
@@ -413,6 +414,8 @@ class VirtioMmioTransport:
     def _publish_all(self) -> None:
         self._publish((*self._constants, *_VOLATILE))
         self._publish_config()
+        with self._irq_lock:  # InterruptStatus changes under this lock alone
+            self._publish_interrupt_status()
 
     # -- snapshots -------------------------------------------------------------------
     def save_state(self) -> TransportState:
