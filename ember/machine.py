@@ -17,6 +17,7 @@ import time
 from typing import Callable
 
 from ember import config as cfg
+from ember import stackdump
 from ember.arch.x86_64 import boot as x86_boot
 from ember.arch.x86_64 import layout
 from ember.console import ConsoleInput, ConsoleOutput, open_output
@@ -162,6 +163,7 @@ class MicroVM:
             raise
         self.state = "Running"
         self.run_started_ns = time.monotonic_ns()
+        stackdump.add_report(self.state_report)
         self.events.start()
         for index, loop in enumerate(self._loops):
             thread = threading.Thread(target=self._vcpu_main, args=(loop,), name=f"vcpu{index}", daemon=True)
@@ -469,7 +471,18 @@ class MicroVM:
             "mmio_bus": self.mmio_bus.stats() if hasattr(self, "mmio_bus") else {},
         }
 
+    def state_report(self) -> str:
+        """What a stuck VM's devices wait for: each virtio device's interrupt state and
+        queue indices, and the ACKs KVM holds for replay (stackdump, on SIGUSR2)."""
+        lines = [f"ember: microVM {self.state}; exits {self.metrics()['exits']['total']}"]
+        if self.coalesced is not None:
+            lines.append(f"  coalesced ring: {'writes waiting' if self.coalesced.pending() else 'empty'}")
+        for name, transport in self.virtio_devices.items():
+            lines.append(f"  {name}: " + transport.describe().replace("\n", "\n  "))
+        return "\n".join(lines)
+
     def _teardown(self) -> None:
+        stackdump.remove_report(self.state_report)
         closers, self._closers = self._closers, []
         for obj in reversed(closers):
             try:

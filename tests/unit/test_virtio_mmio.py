@@ -347,3 +347,17 @@ def test_a_device_that_fails_shows_needs_reset_before_its_interrupt(memory):
     transport.notify(0)
     assert seen and seen[-1] & mmio.STATUS_DEVICE_NEEDS_RESET
     assert mirror.word(mmio.REG_INTERRUPT_STATUS) & mmio.INT_CONFIG_CHANGE
+
+
+def test_describe_shows_who_waits_for_whom(rig):
+    transport, driver, _ = rig
+    assert "queue 0: size 0, not active" in transport.describe()
+    (queue,) = driver.start()
+    queue.add_chain([driver.buffer(4, write=True)])  # the driver posted a buffer, no kick yet
+    report = transport.describe()
+    assert "avail idx 1 (device at 0)" in report and "used idx 0 (device at 0" in report
+    driver.kick(0)
+    report = transport.describe()
+    assert "avail idx 1 (device at 1)" in report and "used idx 1 (device at 1" in report
+    assert "InterruptStatus 0x1" in report and "interrupts raised" in report
+    assert ("guest sees 0x1" in report) == (transport.mirror is not None)

@@ -40,6 +40,10 @@ class RegisterMirror:
         """Publish one 32-bit register at a 4-byte aligned ``offset``, in one store."""
         self._words[offset // WORD] = value & _U32_MASK
 
+    @property
+    def closed(self) -> bool:
+        return self._page.closed
+
     def word(self, offset: int) -> int:
         return self._words[offset // WORD]
 

@@ -417,6 +417,16 @@ class VirtioMmioTransport:
         with self._irq_lock:  # InterruptStatus changes under this lock alone
             self._publish_interrupt_status()
 
+    def describe(self) -> str:
+        """Status, interrupt state and every queue's indices (for stackdump's report)."""
+        s = self.state
+        mirror = self.mirror
+        shown = "" if mirror is None or mirror.closed else f" (guest sees {mirror.word(REG_INTERRUPT_STATUS):#x})"
+        raised = getattr(self.irq, "count", "?")
+        lines = [f"status {s.status:#x}, InterruptStatus {s.interrupt_status:#x}{shown}, interrupts raised {raised}"]
+        lines += [f"  queue {index}: {queue.describe()}" for index, queue in enumerate(self.queues)]
+        return "\n".join(lines)
+
     # -- snapshots -------------------------------------------------------------------
     def save_state(self) -> TransportState:
         with self._lock:

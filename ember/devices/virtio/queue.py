@@ -373,6 +373,24 @@ class Virtqueue:
     def active(self) -> bool:
         return self.desc_table is not None
 
+    def describe(self) -> str:
+        """Both sides' indices, for a report on a stuck queue: the driver's avail idx
+        past next_avail is work the device has not taken; used idx past the
+        driver's used_event is completions it was told of."""
+        s = self.state
+        if not self.active:
+            return f"size {s.size}, not active"
+        text = (f"size {s.size}: avail idx {self._avail_idx()} (device at {s.next_avail}), "
+                f"used idx {U16.unpack_from(self.used, 2)[0]} (device at {s.next_used}, "
+                f"last signalled at {s.signalled_used})")
+        if self.event_idx:
+            used_event = U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
+            avail_event = U16.unpack_from(self.used, RING_HEADER_SIZE + USED_ELEM.size * self.size)[0]
+            text += f", used_event {used_event}, avail_event {avail_event}"
+        else:
+            text += f", avail flags {U16.unpack_from(self.avail, 0)[0]:#x}"
+        return text
+
     def guest_view(self, addr: int, length: int) -> memoryview:
         """A bounds-checked view of guest memory; bad ranges are a VirtqueueError."""
         try:
