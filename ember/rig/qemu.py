@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO, TextIO
 
 from ember.errors import EmberError
+from ember.rig.monitor import cpu_report
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class RigRun:
     @property
     def ctl_dir(self) -> Path:
         return self.run_dir / "ctl"
+
+    @property
+    def monitor_socket(self) -> Path:
+        """QEMU's human monitor: where a stalled rig is asked what its CPUs execute."""
+        return self.run_dir / "monitor.sock"
 
     @property
     def console_log(self) -> Path:
@@ -100,6 +106,7 @@ def qemu_argv(run: RigRun, stdout_fd: int, stderr_fd: int, tsc_khz: int) -> list
         "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none", "-no-reboot",
         "-kernel", str(run.vmlinux), "-initrd", str(run.initrd), "-append", append,
         "-serial", f"file:{run.console_log}",
+        "-monitor", f"unix:{qemu_escape(str(run.monitor_socket))},server=on,wait=off",
         *_share("hostroot", Path("/"), readonly=True),
         *_share("ctl", run.ctl_dir, readonly=False),
     ]
@@ -232,12 +239,13 @@ def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO, watch: Pro
         pump.start()
     why = _wait(proc, started + timeout, f"did not finish within {timeout:g} s", watch)
     if why is not None:
+        cpus = cpu_report(run.monitor_socket, run.ctl_dir / "kallsyms")
         proc.kill()
         proc.wait()
         for pump in pumps:
             pump.join(timeout=5)
         stderr.write(f"ember rig: the command {why}; the rig was stopped. "
-                     f"Its console's last lines:\n{console_tail(run)}\n")
+                     f"Its console's last lines:\n{console_tail(run)}\n{cpus}\n")
         stderr.flush()
         return TIMEOUT_STATUS
     for pump in pumps:
