@@ -231,6 +231,9 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     """Run the system tests in the rig; a boot that hangs is stopped once no test has
     started or ended for longer than one test's limit, and the tests it never reached
     get a fresh boot (MAX_RIG_BOOTS in all), so one hang fails one test, not the tier.
+    So do the tests a boot left behind when it died (its kernel panicked: QEMU ended
+    without the command's exit status; seen once, a stack overflow in the emulated CPU's
+    page-fault path).
     The test such a boot was in runs once more: a test that hangs by itself is failed by
     its own limit inside the rig, so a boot that stops progressing is the emulator's.
     So does a test that failed because its guest triple-faulted (EMULATOR_FAULT_MARK),
@@ -265,10 +268,11 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 retried.update(wedged + faulted)
                 unreached = [nodeid for nodeid in remaining if nodeid not in got]
                 remaining = wedged + faulted + unreached
-                stopped = status == TIMEOUT_STATUS and (wedged or unreached)
+                ended_early = status in (TIMEOUT_STATUS, None)  # stopped by the watch, or the rig died
+                stopped = ended_early and (wedged or unreached)
                 if not (stopped or faulted) or not remaining or time.monotonic() >= deadline:
                     break
-                why = [summary] if status == TIMEOUT_STATUS else []
+                why = [summary.splitlines()[0]] if ended_early else []
                 if wedged:
                     why.append(f"{', '.join(wedged)} runs again")
                 if faulted:

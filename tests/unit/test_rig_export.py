@@ -327,3 +327,53 @@ def test_an_ordinary_failure_is_not_rerun(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(ember.rig, "run", plain_failure)
     got = tiers._run_in_rig(_Config(tmp_path), IDS)
     assert boots == [IDS] and got[IDS[2]]["outcome"] == "failed"
+
+
+def test_a_rig_that_dies_under_a_test_gets_a_fresh_boot_for_it_and_the_rest(tmp_path, monkeypatch, capsys) -> None:
+    """The emulated host's kernel panicked in the middle of the tier: QEMU exited without the
+    command's status (ember.rig.run raises). The test it was in and those after it go on."""
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+    from ember.errors import EmberError
+
+    boots: list[list[str]] = []
+
+    def dying_run(argv, *, cwd, timeout, out_dir, watch):
+        nodeids = [a for a in argv if a.startswith("tests/")]
+        boots.append(nodeids)
+        results = Path(next(a for a in argv if a.startswith("--ember-results=")).split("=", 1)[1])
+        entry, got = {"longrepr": "", "reason": "", "duration": 1.0}, {}
+        for nodeid in nodeids:
+            if len(boots) == 1 and nodeid == IDS[1]:
+                got[nodeid] = {**entry, "outcome": "running"}
+                results.write_text(json.dumps(got))
+                raise EmberError("the rig stopped (qemu exit 0) without the command's exit status; console tail:\n"
+                                 "Kernel panic - not syncing: corrupted stack end detected inside scheduler")
+            got[nodeid] = {**entry, "outcome": "passed"}
+        results.write_text(json.dumps(got))
+        return 0
+
+    monkeypatch.setattr(ember.rig, "run", dying_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, IDS[1:]]
+    assert {n: got[n]["outcome"] for n in IDS} == dict.fromkeys(IDS, "passed")
+    out = capsys.readouterr().out
+    assert ("ember: the rig failed: the rig stopped (qemu exit 0) without the command's exit status; console tail:; "
+            f"{IDS[1]} runs again; a fresh rig boot runs 3 test(s)") in out
+
+
+def test_a_rig_that_cannot_start_is_tried_a_bounded_number_of_times(tmp_path, monkeypatch) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+    from ember.errors import EmberError
+
+    boots: list[list[str]] = []
+
+    def broken_run(argv, *, cwd, timeout, out_dir, watch):
+        boots.append(argv)
+        raise EmberError("the rig needs qemu-system-x86_64")
+
+    monkeypatch.setattr(ember.rig, "run", broken_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert len(boots) == tiers.MAX_RIG_BOOTS
+    assert all(n not in got for n in IDS) and "the rig needs" in got[tiers.RIG_KEY]["longrepr"]
