@@ -73,7 +73,9 @@ def run(argv: list[str], *, cwd: str | os.PathLike[str] | None = None, timeout: 
     from ember.rig.trees import snapshots
 
     rig = RigRun(vmlinux, initrd, make_run_dir(), out, memory_mib, cpus, snapshots=snapshots())
-    script = command_script(list(argv), work_dir, rig_environment(os.environ, env))
+    # One VM held open for the rig's life keeps KVM's static keys from flipping (kvm_keeper.py).
+    keeper = [sys.executable, "-m", "ember.rig.kvm_keeper"]
+    script = command_script(list(argv), work_dir, rig_environment(os.environ, env), background=keeper)
     (rig.ctl_dir / "command.sh").write_text(script)
     (rig.ctl_dir / "rig.env").write_text(init_settings(str(out) if out else None))
     (rig.ctl_dir / "trees").write_text(snapshot_table([str(tree) for tree, _image in rig.snapshots]))

@@ -36,14 +36,16 @@ def rig_environment(host_env: Mapping[str, str], extra: Mapping[str, str] | None
     return env
 
 
-def command_script(argv: list[str], cwd: str, env: Mapping[str, str]) -> str:
-    """The sh script that runs ``argv`` in ``cwd`` with ``env`` (init starts it with env -i)."""
+def command_script(argv: list[str], cwd: str, env: Mapping[str, str], background: list[str] | None = None) -> str:
+    """The sh script that runs ``argv`` in ``cwd`` with ``env`` (init starts it with env -i),
+    after starting ``background`` (a command left running beside it, output discarded)."""
     if not argv:
         raise ValueError("the rig needs a command to run")
-    if any("\0" in word for word in argv) or "\0" in cwd:
+    if any("\0" in word for word in [*argv, *(background or [])]) or "\0" in cwd:
         raise ValueError("command words and the working directory cannot contain NUL")
     exports = "".join(f"export {shlex.quote(f'{k}={v}')}\n" for k, v in sorted(env.items()))
-    return f"cd {shlex.quote(cwd)} || exit {EXIT_NO_CWD}\n{exports}exec {shlex.join(argv)}\n"
+    side = f"{shlex.join(background)} </dev/null >/dev/null 2>&1 &\n" if background else ""
+    return f"cd {shlex.quote(cwd)} || exit {EXIT_NO_CWD}\n{exports}{side}exec {shlex.join(argv)}\n"
 
 
 def init_settings(out_dir: str | None) -> str:

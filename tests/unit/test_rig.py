@@ -114,6 +114,14 @@ def test_command_script_round_trips_argv_env_and_cwd(tmp_path_factory: pytest.Te
     assert _run_script(script, tmp) == [str(tmp), value, *words]
 
 
+def test_command_script_starts_the_background_command_beside_the_main_one(tmp_path: Path) -> None:
+    side = ["/bin/sh", "-c", f"echo held > {tmp_path / 'side'}; sleep 0.2"]
+    path = tmp_path / "c.sh"
+    path.write_text(command_script(["/bin/sh", "-c", "sleep 0.5; echo main"], str(tmp_path), {}, background=side))
+    done = subprocess.run(["/bin/sh", str(path)], capture_output=True, text=True, timeout=30)
+    assert done.stdout == "main\n" and (tmp_path / "side").read_text() == "held\n"
+
+
 def test_command_script_reports_a_missing_cwd(tmp_path: Path) -> None:
     path = tmp_path / "c.sh"
     path.write_text(command_script(["true"], "/nonexistent/dir", {}))
