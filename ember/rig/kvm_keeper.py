@@ -21,10 +21,9 @@ def hold() -> None:
     kvm = Kvm()
     vm = kvm.create_vm()
     vm.create_irqchip()
-    vcpu = vm.create_vcpu(0)
-    while True:
+    held = [kvm, vm, vm.create_vcpu(0)]  # referenced for good: closing any would flip the keys back
+    while held:
         signal.pause()
-    del vcpu  # never reached: the objects live as long as the process
 
 
 if __name__ == "__main__":
