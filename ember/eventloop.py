@@ -81,6 +81,8 @@ class EventLoop:
         self._wake()
 
     def _next_timeout(self) -> float | None:
+        if not self._timers:  # the common case, every turn of the loop: no lock taken
+            return None  # a timer added meanwhile wakes the loop, and the next turn sees it
         with self._timer_lock:
             return None if not self._timers else max(0.0, self._timers[0][0] - time.monotonic())
 

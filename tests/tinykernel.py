@@ -58,8 +58,8 @@ def elf64(code: bytes, load_addr: int = LOAD_ADDR) -> bytes:
 
 
 def print_virtio_identity(window: int) -> bytes:
-    """Print a virtio-mmio window's MagicValue (4 characters) and its DeviceID as a digit,
-    then load InterruptStatus ``loads`` times: every register access is a guest load."""
+    """Print a virtio-mmio window's MagicValue (4 characters) and its DeviceID as a digit:
+    every register access is a guest load."""
     code = b"\xbe" + struct.pack("<I", window)             # mov esi, window
     code += b"\x66\xba" + struct.pack("<H", COM1)          # mov dx, COM1
     code += b"\x8b\x1e"                                     # mov ebx, [rsi]: MagicValue
