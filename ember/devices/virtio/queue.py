@@ -384,9 +384,8 @@ class Virtqueue:
                 f"used idx {U16.unpack_from(self.used, 2)[0]} (device at {s.next_used}, "
                 f"last signalled at {s.signalled_used})")
         if self.event_idx:
-            used_event = U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
-            avail_event = U16.unpack_from(self.used, RING_HEADER_SIZE + USED_ELEM.size * self.size)[0]
-            text += f", used_event {used_event}, avail_event {avail_event}"
+            avail_event = U16.unpack_from(self.used, self._avail_event_offset())[0]
+            text += f", used_event {self._used_event()}, avail_event {avail_event}"
         else:
             text += f", avail flags {U16.unpack_from(self.avail, 0)[0]:#x}"
         return text
@@ -442,7 +441,15 @@ class Virtqueue:
         return pending
 
     def _set_avail_event(self) -> None:
-        U16.pack_into(self.used, RING_HEADER_SIZE + USED_ELEM.size * self.size, self.state.next_avail)
+        U16.pack_into(self.used, self._avail_event_offset(), self.state.next_avail)
+
+    def _avail_event_offset(self) -> int:
+        """Where avail_event sits: after the used ring's elements (2.7.8)."""
+        return RING_HEADER_SIZE + USED_ELEM.size * self.size
+
+    def _used_event(self) -> int:
+        """The driver's used_event: after the available ring's entries (2.7.6)."""
+        return U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
 
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None when the ring is empty."""
@@ -486,7 +493,6 @@ class Virtqueue:
             return False
         memory_barrier()
         if self.event_idx:
-            used_event = U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
-            return _need_event(used_event, new, old)
+            return _need_event(self._used_event(), new, old)
         flags = U16.unpack_from(self.avail, 0)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
