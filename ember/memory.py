@@ -65,6 +65,10 @@ class MemoryRegion:
     def end(self) -> int:
         return self.gpa + self.size
 
+    def holds(self, gpa: int, length: int) -> bool:
+        """Whether [gpa, gpa + length) lies inside this region."""
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+
     @property
     def num_pages(self) -> int:
         return self.size // PAGE_SIZE

@@ -120,6 +120,87 @@ def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
     assert fast == reference
 
 
+def _post_table(memory, driver, heap, raw: bytes) -> None:
+    """Post one indirect descriptor naming a table of ``raw`` entries."""
+    table = heap.alloc(len(raw), 16)
+    memory.write(table, raw)
+    head = driver._take_descriptor()
+    write_desc(memory, driver.desc, head, table, len(raw), VIRTQ_DESC_F_INDIRECT, 0)
+    driver.publish(head)
+
+
+def _linked_table(entries) -> bytes:
+    """(addr, len, flags) entries linked in order: NEXT on all but the last, next = i + 1."""
+    return b"".join(DESC_FORMAT.pack(addr, length, flags | (0 if i == len(entries) - 1 else VIRTQ_DESC_F_NEXT),
+                                     i + 1 if i < len(entries) - 1 else 0)
+                    for i, (addr, length, flags) in enumerate(entries))
+
+
+_NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+_END = st.tuples(st.sampled_from([0x8000, 0x8010, RAM - 8, RAM + 0x1000]), st.sampled_from([0, 1, 16, 0x10000]))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(inner_writes=st.lists(st.booleans(), min_size=1, max_size=6).map(sorted),
+       first=_END, first_flags=st.sampled_from([VIRTQ_DESC_F_NEXT, _NEXT_WRITE, VIRTQ_DESC_F_WRITE, 0,
+                                                VIRTQ_DESC_F_NEXT | 0x100, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT]),
+       first_next=st.sampled_from([1, 1, 0, 2]),
+       last=_END, last_flags=st.sampled_from([VIRTQ_DESC_F_WRITE, 0, _NEXT_WRITE, VIRTQ_DESC_F_WRITE | 0x8000,
+                                              VIRTQ_DESC_F_INDIRECT]))
+def test_a_table_with_known_inner_entries_is_judged_as_if_new(memory, inner_writes, first, first_flags, first_next,
+                                                             last, last_flags):
+    """After a valid table, one with the same inner entries and hostile ends (only those are
+    checked again) parses exactly as it does on a queue that never saw the first."""
+    queue, driver, heap = make_queue(memory, size=16)
+    inner = [(0x9000 + 0x1000 * i, 0x800, VIRTQ_DESC_F_WRITE if write else 0) for i, write in enumerate(inner_writes)]
+    _post_table(memory, driver, heap, _linked_table([(0x8000, 16, 0), *inner, (0xA000, 1, VIRTQ_DESC_F_WRITE)]))
+    assert queue.pop() is not None and queue.checked_inner is not None
+    raw = bytearray(_linked_table([(0, 0, 0), *inner, (0, 0, 0)]))
+    DESC_FORMAT.pack_into(raw, 0, *first, first_flags, first_next)
+    DESC_FORMAT.pack_into(raw, len(raw) - 16, *last, last_flags, 0)
+    _post_table(memory, driver, heap, bytes(raw))
+    _post_table(memory, driver, heap, bytes(raw))
+    known = _outcome(queue.pop)
+    queue.checked_inner = None  # the second copy gets every check
+    assert known == _outcome(queue.pop)
+
+
+def test_known_inner_entries_still_map_the_new_header_and_status(memory):
+    """Requests reusing one data buffer (as dd does) with headers and status bytes elsewhere each time."""
+    queue, driver, heap = make_queue(memory, size=16)
+    pages = [(0x9000 + 0x2000 * i, 0x1000, VIRTQ_DESC_F_WRITE) for i in range(4)]
+    for request in range(3):
+        header, status = 0x8000 + 0x40 * request, 0x8800 + 0x40 * request
+        memory.write(header, bytes([request]) * 16)
+        _post_table(memory, driver, heap, _linked_table([(header, 16, 0), *pages, (status, 1, VIRTQ_DESC_F_WRITE)]))
+        chain = queue.pop()
+        assert [bytes(v) for v in chain.readable] == [bytes([request]) * 16]
+        assert [len(v) for v in chain.writable] == [0x1000] * 4 + [1]
+        chain.writable[-1][0] = 0x55
+        assert memory.read(status, 1) == b"\x55"
+    assert queue.checked_inner is not None
+
+
+def test_changed_inner_entries_are_checked_again(memory):
+    queue, driver, heap = make_queue(memory, size=16)
+    ends = [(0x8000, 16, 0)], [(0x8800, 1, VIRTQ_DESC_F_WRITE)]
+    _post_table(memory, driver, heap, _linked_table([*ends[0], (0x9000, 0x1000, VIRTQ_DESC_F_WRITE), *ends[1]]))
+    queue.pop()
+    _post_table(memory, driver, heap, _linked_table([*ends[0], (RAM - 8, 0x1000, VIRTQ_DESC_F_WRITE), *ends[1]]))
+    with pytest.raises(VirtqueueError):
+        queue.pop()
+
+
+def test_reset_forgets_the_known_inner_entries(memory):
+    queue, driver, heap = make_queue(memory, size=16)
+    _post_table(memory, driver, heap, _linked_table([(0x8000, 16, 0), (0x9000, 8, VIRTQ_DESC_F_WRITE),
+                                                     (0x8800, 1, VIRTQ_DESC_F_WRITE)]))
+    queue.pop()
+    assert queue.checked_inner is not None
+    queue.reset()
+    assert queue.checked_inner is None
+
+
 def test_used_ring_and_wraparound(memory):
     queue, driver, _ = make_queue(memory, size=4)
     for _round in range(20):  # 80 requests through a 4-entry queue wraps the indices

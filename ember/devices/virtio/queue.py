@@ -104,6 +104,24 @@ class GuestSpans:
         return [ram[iov[i] - host:iov[i] - host + iov[i + 1]] for i in range(0, len(iov), 2)]
 
 
+@dataclass(frozen=True, slots=True)
+class CheckedInner:
+    """The inner entries (all but the first and last) of the last indirect table
+    that passed the whole-table checks, and what those checks found.
+
+    Linux's virtio-blk puts each request's header and status, whose addresses
+    follow the request's tag, at the two ends of the table and the data pages
+    between them; an application that reuses its buffer (dd, a database's
+    O_DIRECT pool) repeats the inner entries byte for byte. A table whose inner
+    bytes are these again needs only its two ends checked.
+    """
+
+    entries: bytes  # as the guest wrote them
+    region: MemoryRegion  # holds every inner buffer
+    iov: array.array  # their iovecs
+    readable: int  # how many are device-readable (they come first)
+
+
 class DescriptorChain:
     """One request: the guest buffers the device may read, then write.
 
@@ -287,6 +305,11 @@ class _ChainWalker:
         1 MiB request (256 page-sized entries) would make the costliest step.
         None means the table is laid out some other (legal) way: walk it.
         """
+        known = self.queue.checked_inner
+        if known is not None and raw[DESC_SIZE:-DESC_SIZE] == known.entries:
+            spans = self._ends_around(raw, known)
+            if spans is not None:
+                return DescriptorChain(self.chain.head, spans=spans)
         count = len(raw) // DESC_SIZE
         if raw[_FLAGS_HIGH::DESC_SIZE].count(0) != count:
             return None  # a flag outside NEXT and WRITE (INDIRECT is in the low byte)
@@ -305,11 +328,42 @@ class _ChainWalker:
             return None  # empty buffers: the walker drops them
         spans = self._spans_in_one_region(raw, readable)
         if spans is not None:  # checked once for all; views are made only if a device asks
+            if count > 2:
+                inner_readable = flags.count(VIRTQ_DESC_F_NEXT, 1, count - 1)
+                self.queue.checked_inner = CheckedInner(raw[DESC_SIZE:-DESC_SIZE], spans.region,
+                                                        spans.iov[2:-2], inner_readable)
             return DescriptorChain(self.chain.head, spans=spans)
         starts, lengths = memoryview(raw).cast("Q")[0::2], memoryview(raw).cast("I")[2::4]
         views = [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
         self.chain.readable, self.chain.writable = views[:readable], views[readable:]
         return self.chain
+
+    def _ends_around(self, raw: bytes, known: CheckedInner) -> GuestSpans | None:
+        """The spans of a table whose inner entries are ``known``'s, checking only its first
+        and last entry by the rules _linear_indirect applies to all; None if either fails."""
+        first_addr, first_len, first_flags, first_next = DESC_FORMAT.unpack_from(raw)
+        last_addr, last_len, last_flags, _ = DESC_FORMAT.unpack_from(raw, len(raw) - DESC_SIZE)
+        count = len(raw) // DESC_SIZE
+        if first_next != 1 or not first_len or not last_len:
+            return None
+        if first_flags == VIRTQ_DESC_F_NEXT:
+            readable = 1 + known.readable
+        elif first_flags == _LINKED_WRITE and not known.readable:
+            readable = 0  # a writable first entry: every linked one must be writable
+        else:
+            return None
+        if last_flags == 0 and readable == count - 1:
+            readable = count  # a readable last entry: every entry is readable
+        elif last_flags != VIRTQ_DESC_F_WRITE:
+            return None
+        region = known.region
+        if not (region.holds(first_addr, first_len) and region.holds(last_addr, last_len)):
+            return None
+        base = region.host_addr - region.gpa
+        iov = array.array("Q", (base + first_addr, first_len))
+        iov += known.iov
+        iov.extend((base + last_addr, last_len))
+        return GuestSpans(region, iov, readable)
 
     def _spans_in_one_region(self, raw: bytes, readable: int) -> GuestSpans | None:
         """The table as an iovec array if the RAM region of its first buffer holds every
@@ -426,6 +480,7 @@ class Virtqueue:
         self._release_views()
 
     def _release_views(self) -> None:
+        self.checked_inner: CheckedInner | None = None
         self.desc_table: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
