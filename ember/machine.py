@@ -34,7 +34,8 @@ from ember.exitstats import ExitStats
 from ember.interrupts import IrqfdLine
 from ember.kvm import Kvm
 from ember.kvm.coalesced import CoalescedMmioRing
-from ember.kvm.structs import KVM_CAP_COALESCED_MMIO, KVM_CAP_READONLY_MEM, KVM_MEM_READONLY
+from ember.kvm.structs import (KVM_CAP_COALESCED_MMIO, KVM_CAP_READONLY_MEM, KVM_CAP_TSC_DEADLINE_TIMER,
+                               KVM_MEM_READONLY)
 from ember.memory import GuestMemory
 from ember.mmio_replay import CoalescedReplay
 from ember.outcome import ExitInfo, ExitReason
@@ -195,10 +196,11 @@ class MicroVM:
             self.memory, kernel_path=boot.kernel_image_path, initrd_path=boot.initrd_path,
             cmdline=cmdline, mem_size=mem_size, vcpu_count=mc.vcpu_count)
         supported = self.kvm.get_supported_cpuid()
+        tsc_deadline = self.kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER) > 0  # the irqchip is in-kernel
         for index in range(mc.vcpu_count):
             vcpu = self.vm.create_vcpu(index)
             self._closers.append(vcpu)
-            x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported)
+            x86_boot.configure_vcpu(vcpu, self.boot, index, mc.vcpu_count, supported, tsc_deadline=tsc_deadline)
             if index == 0:  # the ring is the VM's; any vCPU's mapping reaches it
                 self.coalesced = self._coalesce_interrupt_acks(vcpu)
             self._loops.append(VcpuLoop(vcpu, self.pio_bus, self.mmio_bus, ExitStats(), self.coalesced))

@@ -26,11 +26,15 @@ def ember_run(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.Completed
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_default_guest_runs_a_command_on_every_vcpu(vcpus):
     result = ember_run("--vcpus", str(vcpus), "--verbose", "--",
-                       "echo guest-says-hello; grep -c ^processor /proc/cpuinfo")
+                       "echo guest-says-hello; grep -c ^processor /proc/cpuinfo; "
+                       "cat /sys/devices/system/clockevents/clockevent*/current_device")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "guest-says-hello" in lines
-    assert lines[lines.index("guest-says-hello") + 1].strip() == str(vcpus)
+    at = lines.index("guest-says-hello")
+    assert lines[at + 1].strip() == str(vcpus)
+    # every vCPU's timer is the TSC deadline (one MSR write to program, not three or four APIC accesses)
+    assert [line.strip() for line in lines[at + 2:at + 2 + vcpus]] == ["lapic-deadline"] * vcpus
     assert "boot time to init" in result.stderr
     assert "not reported" not in result.stderr  # init wrote the boot-timer marker
 

@@ -66,6 +66,16 @@ def test_hypervisor_bit_and_kvm_leaves() -> None:
     assert find(out, 0x4000_0001).eax == 0x0100_7AFB  # kvm-clock etc. kept
 
 
+def test_tsc_deadline_timer_announced_only_when_asked() -> None:
+    """KVM before 6.14 leaves the bit out of KVM_GET_SUPPORTED_CPUID; the caller knows from the capability."""
+    base = supported()
+    find(base, 1).ecx &= ~(1 << 24)  # as a 6.1 kernel reports it
+    assert not find(build_cpuid(base, 0, 1), 1).ecx & (1 << 24)
+    with_timer = find(build_cpuid(base, 0, 1, tsc_deadline=True), 1)
+    assert with_timer.ecx & (1 << 24) and with_timer.ecx & (1 << 31)
+    assert not find(base, 1).ecx & (1 << 24)  # the caller's entries are left alone
+
+
 def test_signature_added_when_missing() -> None:
     base = [e for e in supported() if e.function != 0x4000_0000]
     sig = find(build_cpuid(base, 0, 1), 0x4000_0000)

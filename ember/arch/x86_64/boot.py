@@ -46,9 +46,10 @@ def load_guest(memory, *, kernel_path: str | os.PathLike, initrd_path: str | os.
     return BootInfo(kernel.entry, zero_page, kernel, initrd)
 
 
-def configure_vcpu(vcpu, boot: BootInfo, vcpu_id: int, vcpu_count: int, supported_cpuid) -> None:
+def configure_vcpu(vcpu, boot: BootInfo, vcpu_id: int, vcpu_count: int, supported_cpuid, *,
+                   tsc_deadline: bool = False) -> None:
     """CPUID, MSRs, FPU and LAPIC LINTs for every vCPU; long-mode entry for the BSP."""
-    vcpu.set_cpuid2(build_cpuid(supported_cpuid, vcpu_id, vcpu_count))
+    vcpu.set_cpuid2(build_cpuid(supported_cpuid, vcpu_id, vcpu_count, tsc_deadline=tsc_deadline))
     vcpu.set_msrs(regs.boot_msrs())
     vcpu.set_fpu(regs.setup_fpu(vcpu.get_fpu()))
     if hasattr(vcpu, "get_lapic"):

@@ -4,7 +4,11 @@ Starts from KVM_GET_SUPPORTED_CPUID (Documentation/virt/kvm/api.rst 4.46) and
 gives each vCPU its topology: APIC ids in leaves 0x1, 0xB, 0x1F and AMD
 0x8000001E, core counts in leaves 0x4 and 0x80000008 (Intel SDM vol. 2A CPUID;
 AMD APM vol. 3 appendix E), the hypervisor bit and the KVM signature leaf
-(Documentation/virt/kvm/x86/cpuid.rst).  Pure functions, no ioctls.
+(Documentation/virt/kvm/x86/cpuid.rst). It also sets the TSC-deadline timer
+bit, which kernels before 6.14 leave out of KVM_GET_SUPPORTED_CPUID although
+the in-kernel LAPIC emulates it (api.rst, "Known KVM API problems"): without
+it Linux programs its timer through three or four APIC registers, each a VM
+exit, instead of one MSR write.  Pure functions, no ioctls.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ LEAF_AMD_TOPOLOGY = 0x8000_001E
 KVM_SIGNATURE = b"KVMKVMKVM\0\0\0"
 AMD_VENDOR_EBX = (int.from_bytes(b"Auth", "little"), int.from_bytes(b"Hygo", "little"))
 
+ECX_TSC_DEADLINE = 1 << 24
 ECX_HYPERVISOR = 1 << 31
 EDX_HTT = 1 << 28
 EBX_APIC_ID_SHIFT = 24
@@ -47,14 +52,18 @@ AMD_APIC_ID_SIZE_SHIFT = 12
 AMD_APIC_ID_SIZE_MASK = 0xF
 
 
-def build_cpuid(supported: Iterable, vcpu_id: int, vcpu_count: int) -> list:
-    """A per-vCPU copy of the supported CPUID entries (kvm_cpuid_entry2)."""
+def build_cpuid(supported: Iterable, vcpu_id: int, vcpu_count: int, *, tsc_deadline: bool = False) -> list:
+    """A per-vCPU copy of the supported CPUID entries (kvm_cpuid_entry2); ``tsc_deadline``
+    announces the TSC-deadline timer (where KVM_CAP_TSC_DEADLINE_TIMER and the in-kernel
+    LAPIC are there)."""
     if not 0 <= vcpu_id < vcpu_count:
         raise ValueError(f"vcpu_id {vcpu_id} outside 0..{vcpu_count - 1}")
     entries = [type(e).from_buffer_copy(e) for e in _entries(supported)]
     amd = any(e.function == LEAF_VENDOR and e.ebx in AMD_VENDOR_EBX for e in entries)
     for entry in entries:
         _patch(entry, vcpu_id, vcpu_count, amd)
+        if tsc_deadline and entry.function == LEAF_FEATURES:
+            entry.ecx |= ECX_TSC_DEADLINE
     if entries and not any(e.function == LEAF_KVM_SIGNATURE for e in entries):
         entries.append(_kvm_signature(type(entries[0])(), entries))
     return entries
