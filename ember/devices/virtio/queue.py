@@ -303,7 +303,9 @@ class _ChainWalker:
         entries come first, none is empty or indirect. Columns are sliced out
         of the table at C speed instead of walking it entry by entry, which a
         1 MiB request (256 page-sized entries) would make the costliest step.
-        None means the table is laid out some other (legal) way: walk it.
+        A table that repeats the last checked one's inner entries has only its
+        two ends checked (CheckedInner). None means the table is laid out some
+        other (legal) way: walk it.
         """
         known = self.queue.checked_inner
         if known is not None and raw[DESC_SIZE:-DESC_SIZE] == known.entries:
