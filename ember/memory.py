@@ -67,7 +67,7 @@ class MemoryRegion:
 
     def holds(self, gpa: int, length: int) -> bool:
         """Whether [gpa, gpa + length) lies inside this region."""
-        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
+        return self.gpa <= gpa and gpa + length <= self.end
 
     @property
     def num_pages(self) -> int:

@@ -101,16 +101,13 @@ def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
     queue, driver, heap = make_queue(memory, size=16)
     memory.write(0x8000, bytes(range(256)) * 8)
     order = [0] + list(range(1, len(entries)))[::-1] if permute else list(range(len(entries)))
-    table = heap.alloc(16 * len(entries), 16)
     raw = bytearray(16 * len(entries))
     for position, slot in enumerate(order):  # the chain visits slots in `order`
         addr, length, write, stray = entries[position]  # stray: a hostile extra flag bit
         last = position == len(order) - 1
         flags = (VIRTQ_DESC_F_WRITE if write else 0) | (0 if last else VIRTQ_DESC_F_NEXT) | stray
         DESC_FORMAT.pack_into(raw, 16 * slot, addr, length, flags, 0 if last else order[position + 1])
-    memory.write(table, bytes(raw))
-    write_desc(memory, driver.desc, 0, table, len(raw), VIRTQ_DESC_F_INDIRECT, 0)
-    driver.publish(0)
+    _post_table(memory, driver, heap, bytes(raw))
     fast = _outcome(queue.pop)
     reference = _outcome(lambda: _ChainWalker(queue, 0)._walk_indirect(list(DESC_FORMAT.iter_unpack(raw))))
     if fast != "error":
@@ -121,7 +118,7 @@ def test_indirect_fast_path_agrees_with_the_walk(memory, entries, permute):
 
 
 def _post_table(memory, driver, heap, raw: bytes) -> None:
-    """Post one indirect descriptor naming a table of ``raw`` entries."""
+    """Post one indirect descriptor naming a table of ``raw`` entries, as the guest wrote them."""
     table = heap.alloc(len(raw), 16)
     memory.write(table, raw)
     head = driver._take_descriptor()
@@ -129,33 +126,36 @@ def _post_table(memory, driver, heap, raw: bytes) -> None:
     driver.publish(head)
 
 
-def _linked_table(entries) -> bytes:
-    """(addr, len, flags) entries linked in order: NEXT on all but the last, next = i + 1."""
-    return b"".join(DESC_FORMAT.pack(addr, length, flags | (0 if i == len(entries) - 1 else VIRTQ_DESC_F_NEXT),
-                                     i + 1 if i < len(entries) - 1 else 0)
-                    for i, (addr, length, flags) in enumerate(entries))
+def _table_of(memory, driver, head: int) -> bytes:
+    """The indirect table that descriptor ``head`` names."""
+    table, length, _, _ = DESC_FORMAT.unpack(memory.read(driver.desc + 16 * head, 16))
+    return memory.read(table, length)
 
 
 _NEXT_WRITE = VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-_END = st.tuples(st.sampled_from([0x8000, 0x8010, RAM - 8, RAM + 0x1000]), st.sampled_from([0, 1, 16, 0x10000]))
+# Each end is mostly valid, so that a single hostile field (the one a broken check would let
+# through) is drawn often: an address outside RAM, a zero length, a stray flag, a wrong next.
+_END = st.tuples(st.sampled_from([0x8000, 0x8000, 0x8010, RAM - 8, RAM + 0x1000]),
+                 st.sampled_from([1, 16, 16, 0, 0x10000]))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(inner_writes=st.lists(st.booleans(), min_size=1, max_size=6).map(sorted),
-       first=_END, first_flags=st.sampled_from([VIRTQ_DESC_F_NEXT, _NEXT_WRITE, VIRTQ_DESC_F_WRITE, 0,
-                                                VIRTQ_DESC_F_NEXT | 0x100, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT]),
-       first_next=st.sampled_from([1, 1, 0, 2]),
-       last=_END, last_flags=st.sampled_from([VIRTQ_DESC_F_WRITE, 0, _NEXT_WRITE, VIRTQ_DESC_F_WRITE | 0x8000,
-                                              VIRTQ_DESC_F_INDIRECT]))
+       first=_END, first_flags=st.sampled_from([VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT, _NEXT_WRITE, _NEXT_WRITE,
+                                                VIRTQ_DESC_F_WRITE, 0, VIRTQ_DESC_F_NEXT | 0x100,
+                                                VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT]),
+       first_next=st.sampled_from([1, 1, 1, 0, 2]),
+       last=_END, last_flags=st.sampled_from([VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_WRITE, 0, 0, _NEXT_WRITE,
+                                              VIRTQ_DESC_F_WRITE | 0x8000, VIRTQ_DESC_F_INDIRECT]))
 def test_a_table_with_known_inner_entries_is_judged_as_if_new(memory, inner_writes, first, first_flags, first_next,
                                                              last, last_flags):
     """After a valid table, one with the same inner entries and hostile ends (only those are
     checked again) parses exactly as it does on a queue that never saw the first."""
     queue, driver, heap = make_queue(memory, size=16)
-    inner = [(0x9000 + 0x1000 * i, 0x800, VIRTQ_DESC_F_WRITE if write else 0) for i, write in enumerate(inner_writes)]
-    _post_table(memory, driver, heap, _linked_table([(0x8000, 16, 0), *inner, (0xA000, 1, VIRTQ_DESC_F_WRITE)]))
+    inner = [Buffer(0x9000 + 0x1000 * i, 0x800, write) for i, write in enumerate(inner_writes)]
+    head = driver.add_indirect([Buffer(0x8000, 16), *inner, Buffer(0xA000, 1, write=True)], heap)
     assert queue.pop() is not None and queue.checked_inner is not None
-    raw = bytearray(_linked_table([(0, 0, 0), *inner, (0, 0, 0)]))
+    raw = bytearray(_table_of(memory, driver, head))
     DESC_FORMAT.pack_into(raw, 0, *first, first_flags, first_next)
     DESC_FORMAT.pack_into(raw, len(raw) - 16, *last, last_flags, 0)
     _post_table(memory, driver, heap, bytes(raw))
@@ -168,11 +168,11 @@ def test_a_table_with_known_inner_entries_is_judged_as_if_new(memory, inner_writ
 def test_known_inner_entries_still_map_the_new_header_and_status(memory):
     """Requests reusing one data buffer (as dd does) with headers and status bytes elsewhere each time."""
     queue, driver, heap = make_queue(memory, size=16)
-    pages = [(0x9000 + 0x2000 * i, 0x1000, VIRTQ_DESC_F_WRITE) for i in range(4)]
+    pages = [Buffer(0x9000 + 0x2000 * i, 0x1000, write=True) for i in range(4)]
     for request in range(3):
         header, status = 0x8000 + 0x40 * request, 0x8800 + 0x40 * request
         memory.write(header, bytes([request]) * 16)
-        _post_table(memory, driver, heap, _linked_table([(header, 16, 0), *pages, (status, 1, VIRTQ_DESC_F_WRITE)]))
+        driver.add_indirect([Buffer(header, 16), *pages, Buffer(status, 1, write=True)], heap)
         chain = queue.pop()
         assert [bytes(v) for v in chain.readable] == [bytes([request]) * 16]
         assert [len(v) for v in chain.writable] == [0x1000] * 4 + [1]
@@ -183,18 +183,17 @@ def test_known_inner_entries_still_map_the_new_header_and_status(memory):
 
 def test_changed_inner_entries_are_checked_again(memory):
     queue, driver, heap = make_queue(memory, size=16)
-    ends = [(0x8000, 16, 0)], [(0x8800, 1, VIRTQ_DESC_F_WRITE)]
-    _post_table(memory, driver, heap, _linked_table([*ends[0], (0x9000, 0x1000, VIRTQ_DESC_F_WRITE), *ends[1]]))
+    header, status = Buffer(0x8000, 16), Buffer(0x8800, 1, write=True)
+    driver.add_indirect([header, Buffer(0x9000, 0x1000, write=True), status], heap)
     queue.pop()
-    _post_table(memory, driver, heap, _linked_table([*ends[0], (RAM - 8, 0x1000, VIRTQ_DESC_F_WRITE), *ends[1]]))
+    driver.add_indirect([header, Buffer(RAM - 8, 0x1000, write=True), status], heap)
     with pytest.raises(VirtqueueError):
         queue.pop()
 
 
 def test_reset_forgets_the_known_inner_entries(memory):
     queue, driver, heap = make_queue(memory, size=16)
-    _post_table(memory, driver, heap, _linked_table([(0x8000, 16, 0), (0x9000, 8, VIRTQ_DESC_F_WRITE),
-                                                     (0x8800, 1, VIRTQ_DESC_F_WRITE)]))
+    driver.add_indirect([Buffer(0x8000, 16), Buffer(0x9000, 8, write=True), Buffer(0x8800, 1, write=True)], heap)
     queue.pop()
     assert queue.checked_inner is not None
     queue.reset()
