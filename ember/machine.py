@@ -266,6 +266,17 @@ class MicroVM:
             self.add_virtio_device(RngDevice(), "rng")
             self.set_rate_limiter("rng", 0, self.config.entropy.rate_limiter)
 
+    def update_drive(self, drive_id: str, path: str) -> None:
+        """Swap a running drive's image for ``path`` (the guest sees the new size through a
+        config-change interrupt); a file that cannot be opened changes nothing."""
+        transport = self.virtio_devices.get(f"block:{drive_id}")
+        if transport is None:
+            raise EmberError(f"no drive {drive_id!r}")
+        transport.change_device(lambda: transport.device.change_media(path))
+        for drive in self.config.drives:
+            if drive.drive_id == drive_id:
+                drive.path_on_host = path
+
     def set_rate_limiter(self, device: str, queue: int, spec: cfg.RateLimiter | None) -> None:
         """Limit one queue of a virtio device ('block:<id>', 'net:<id>' with rx 0 and tx 1,
         'rng') by a Firecracker RateLimiter; None or zero-sized buckets lift the limit."""

@@ -12,6 +12,8 @@ import pytest
 
 from ember import config as cfg
 from ember.arch.x86_64 import layout
+from ember.devices.virtio.mmio import REG_CONFIG, REG_CONFIG_GENERATION
+from ember.errors import EmberError
 from ember.machine import MicroVM
 from ember.outcome import ExitReason
 from tests import tinykernel as tk
@@ -99,3 +101,35 @@ def test_a_failing_vcpu_thread_ends_the_vm_with_an_error(tmp_path, monkeypatch):
     assert info.reason is ExitReason.ERROR
     assert "decoder bug" in info.detail
     assert info.exit_code == 70
+
+
+def test_a_running_drive_takes_new_media_and_the_guest_sees_the_new_size(tmp_path):
+    """update_drive (PATCH /drives with path_on_host): the guest-visible config space
+    (the register page) shows the new capacity under a new generation; a file that
+    cannot be opened, or an unknown drive, changes nothing."""
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(tk.elf64(b"\xeb\xfe"))  # jmp $
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(bytes(1 << 20))
+    second.write_bytes(bytes(3 << 20))
+    drive = cfg.Drive(drive_id="data", path_on_host=str(first), is_root_device=False)
+    vm = MicroVM(cfg.VmConfig(boot_source=cfg.BootSource(kernel_image_path=str(kernel)),
+                              machine_config=cfg.MachineConfig(mem_size_mib=32), drives=[drive]),
+                 console="none")
+    vm.start()
+    try:
+        mirror = vm.virtio_devices["block:data"].mirror
+        capacity = lambda: mirror.word(REG_CONFIG) | mirror.word(REG_CONFIG + 4) << 32  # noqa: E731 (5.2.4)
+        generation = mirror.word(REG_CONFIG_GENERATION)
+        assert capacity() == 2048
+        vm.update_drive("data", str(second))
+        assert capacity() == 6144 and mirror.word(REG_CONFIG_GENERATION) != generation
+        assert vm.config.drives[0].path_on_host == str(second)
+        with pytest.raises(EmberError, match="cannot open"):
+            vm.update_drive("data", str(tmp_path / "missing.img"))
+        with pytest.raises(EmberError, match="no drive"):
+            vm.update_drive("nope", str(first))
+        assert capacity() == 6144 and vm.config.drives[0].path_on_host == str(second)
+    finally:
+        vm.stop()
+        vm.wait(timeout=10)

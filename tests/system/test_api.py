@@ -1,8 +1,9 @@
 """The Firecracker-compatible control plane driving a real Linux guest.
 
 A guest configured and booted with curl alone, one booted from
---config-file, and pause/resume of a running guest, all through
-`ember firecracker` as Firecracker's own users would drive it.
+--config-file, pause/resume of a running guest, and a running guest's
+drive given new media, all through `ember firecracker` as Firecracker's own
+users would drive it.
 """
 
 from __future__ import annotations
@@ -116,3 +117,38 @@ def test_pause_and_resume_a_running_guest(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_new_media_for_a_running_drive_reaches_the_guest(tmp_path):
+    """PATCH /drives/{id} with path_on_host: the guest's virtio-blk driver gets a
+    config-change interrupt, sees the new size and reads the new image."""
+    first, second = tmp_path / "first.img", tmp_path / "second.img"
+    first.write_bytes(b"first-media!".ljust(1 << 20, b"\0"))
+    second.write_bytes(b"second-media".ljust(3 << 20, b"\0"))
+    size = "cat /sys/block/vda/size"
+    script = (f"echo media-size=$({size}); echo ready-for-new-media; i=0; "
+              f"while [ $({size}) = 2048 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
+              f"echo media-size=$({size}); "
+              "echo media-data=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 12)")
+    proc, sock = start_firecracker(tmp_path)
+    log = tmp_path / "console.log"
+    try:
+        configure(sock, script)
+        drive = {"drive_id": "data", "path_on_host": str(first), "is_root_device": False, "is_read_only": False}
+        assert curl(sock, "PUT", "/drives/data", drive) == (204, "")
+        assert curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"}) == (204, "")
+        deadline = time.monotonic() + 180
+        while "ready-for-new-media" not in log.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
+            time.sleep(0.2)
+        code, body = curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(tmp_path / "no")})
+        assert code == 400 and "fault_message" in json.loads(body)
+        assert curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(second)}) == (204, "")
+        assert wait_ember(proc, 240, log) == 0
+        lines = log.read_text(errors="replace").replace("\r", "").splitlines()
+        assert [line for line in lines if line.startswith("media-")] == [
+            "media-size=2048", "media-size=6144", "media-data=second-media"], lines[-30:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -61,7 +61,8 @@ def test_boot_from_the_ext4_root_file_system(tmp_path):
 
     rootfs = tmp_path / "rootfs.ext4"
     shutil.copyfile(images.artifact_path("rootfs", build=False), rootfs)
-    result = ember_run("--rootfs", str(rootfs), "--", "mount | grep ' / '; cat /proc/cmdline; echo written-on-root > /root/mark; sync")
+    result = ember_run("--rootfs", str(rootfs), "--",
+                       "mount | grep ' / '; cat /proc/cmdline; echo written-on-root > /root/mark; sync")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert " on / type ext4 (rw" in result.stdout  # the kernel names the root device /dev/root
     assert "root=/dev/vda" in result.stdout

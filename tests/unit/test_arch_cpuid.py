@@ -15,7 +15,10 @@ def entry(function, index=0, eax=0, ebx=0, ecx=0, edx=0, flags=0):
     return e
 
 
-def supported(vendor_ebx=int.from_bytes(b"Genu", "little")):
+GENUINE_EBX = int.from_bytes(b"Genu", "little")
+
+
+def supported(vendor_ebx=GENUINE_EBX):
     return [
         entry(0, eax=0x1F, ebx=vendor_ebx),
         entry(1, eax=0x806EA, ebx=0x0010_0800, ecx=0x7FFA_FBBF, edx=0x1FAB_FBFF),

@@ -59,7 +59,7 @@ def test_extracts_identical_files_links_and_modes(tmp_path):
 
 def test_char_device_header_fields():
     out = subprocess.run([CPIO, "-tv", "--quiet"], input=sample().to_bytes(), capture_output=True, check=True)
-    line = next(l for l in out.stdout.decode().splitlines() if l.endswith("dev/console"))
+    line = next(row for row in out.stdout.decode().splitlines() if row.endswith("dev/console"))
     assert line.startswith("crw-------")
     assert "5,   1" in line or "5, 1" in line
 

@@ -67,7 +67,8 @@ def test_ext4_image_is_clean_and_holds_the_tree(built):
     assert " busybox" in ls_bin and " sh" in ls_bin
     init = subprocess.run([tool("debugfs"), "-R", "cat /init", image], capture_output=True).stdout
     assert init == INIT_BYTES
-    stat_init = subprocess.run([tool("debugfs"), "-R", "stat /bin/busybox", image], capture_output=True, text=True).stdout
+    stat_init = subprocess.run([tool("debugfs"), "-R", "stat /bin/busybox", image],
+                               capture_output=True, text=True).stdout
     assert "User:     0   Group:     0" in stat_init
     hostname = subprocess.run([tool("debugfs"), "-R", "cat /etc/hostname", image], capture_output=True).stdout
     assert hostname == b"ember\n"

@@ -105,8 +105,10 @@ STAND_IN_CONFTEST = textwrap.dedent("""\
 
     CANNED = {
         "tests/system/test_s.py::test_pass": {"outcome": "passed", "longrepr": "", "reason": "", "duration": 1.0},
-        "tests/system/test_s.py::test_fail": {"outcome": "failed", "longrepr": "[call] boom in the rig", "reason": "", "duration": 1.0},
-        "tests/system/test_s.py::test_skip": {"outcome": "skipped", "longrepr": "", "reason": "no disk", "duration": 0.0},
+        "tests/system/test_s.py::test_fail": {"outcome": "failed", "longrepr": "[call] boom in the rig", "reason": "",
+                                              "duration": 1.0},
+        "tests/system/test_s.py::test_skip": {"outcome": "skipped", "longrepr": "", "reason": "no disk",
+                                              "duration": 0.0},
         "tests/system/test_s.py::test_hung": {"outcome": "running", "longrepr": "the rig was stopped at its 60 s limit",
                                               "reason": "", "duration": 0.0},
         "__rig__": {"longrepr": "the rig was stopped at its 60 s limit"},

@@ -211,6 +211,47 @@ def test_missing_image_is_a_config_error(tmp_path):
         BlockDevice(str(tmp_path / "nope.img"))
 
 
+def test_media_change_serves_the_new_image_and_tells_the_driver(memory, image, tmp_path):
+    disk = Disk(memory, image)
+    other = tmp_path / "other.img"
+    other.write_bytes(os.urandom(512 * SECTORS * 2))
+    generation = disk.driver.read32(mmio.REG_CONFIG_GENERATION)
+    old_fd = disk.device.fd
+    disk.transport.change_device(lambda: disk.device.change_media(str(other)))
+    assert disk.driver.read32(mmio.REG_INTERRUPT_STATUS) == mmio.INT_CONFIG_CHANGE and disk.irq.count == 1
+    assert disk.driver.read32(mmio.REG_CONFIG_GENERATION) != generation
+    assert config_u64(disk.transport, 0) == SECTORS * 2
+    with pytest.raises(OSError):
+        os.fstat(old_fd)  # the old image is closed
+    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=SECTORS + 1, in_len=1024)
+    assert status == block.VIRTIO_BLK_S_OK and data == other.read_bytes()[(SECTORS + 1) * 512:][:1024]
+    payload = os.urandom(512)
+    assert disk.request(block.VIRTIO_BLK_T_OUT, sector=3, out=payload)[0] == block.VIRTIO_BLK_S_OK
+    assert other.read_bytes()[3 * 512:4 * 512] == payload
+    assert image.read_bytes() == bytes(range(256)) * (SECTORS * 2)
+
+
+def test_failed_media_change_changes_nothing(memory, image, tmp_path):
+    disk = Disk(memory, image)
+    generation = disk.driver.read32(mmio.REG_CONFIG_GENERATION)
+    with pytest.raises(ConfigError):
+        disk.transport.change_device(lambda: disk.device.change_media(str(tmp_path / "missing.img")))
+    assert disk.driver.read32(mmio.REG_CONFIG_GENERATION) == generation and disk.irq.count == 0
+    assert disk.device.path == str(image) and config_u64(disk.transport, 0) == SECTORS
+    status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=512)
+    assert status == block.VIRTIO_BLK_S_OK and data == image.read_bytes()[:512]
+
+
+def test_read_only_drive_stays_read_only_across_a_media_change(memory, image, tmp_path):
+    disk = Disk(memory, image, read_only=True)
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(512 * SECTORS))
+    os.chmod(other, 0o444)
+    disk.transport.change_device(lambda: disk.device.change_media(str(other)))
+    assert disk.request(block.VIRTIO_BLK_T_OUT, sector=0, out=b"x" * 512)[0] == block.VIRTIO_BLK_S_IOERR
+    assert other.read_bytes() == bytes(512 * SECTORS)
+
+
 def scattered_request(disk, rtype, sector, pages, out=b"", *, indirect):
     """A Linux-style request whose data is ``pages`` separate 512-byte buffers, each
     followed by a gap so that none merges with the next; returns (status, data, used)."""

@@ -141,6 +141,17 @@ class BlockDevice(VirtioDevice):
             MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, DISCARD_ALIGNMENT_SECTORS,
             MAX_RANGE_SECTORS, MAX_RANGE_SEGMENTS, 1)  # write_zeroes_may_unmap
 
+    def change_media(self, path: str) -> None:
+        """Serve the image at ``path`` from now on (Firecracker's PATCH /drives): same
+        read-only mode and ID, the new file's size. If it cannot be opened, nothing changes.
+        The caller holds the transport between requests and then signals a config change."""
+        fd = self._open(path, self.read_only)
+        old, self.fd, self.path = self.fd, fd, path
+        self.capacity = self._size() >> SECTOR_SHIFT
+        if old >= 0:
+            os.close(old)
+        log.info("drive %s: now %s, %d sectors", self.drive_id.decode(errors="replace"), path, self.capacity)
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

@@ -355,6 +355,13 @@ class VirtioMmioTransport:
             if 0 <= index < len(self.queues) and self.queues[index].needs_notification():
                 self._interrupt(INT_USED_BUFFER)
 
+    def change_device(self, change: Callable[[], object]) -> None:
+        """Run ``change`` on the device between two requests (no queue is being served
+        meanwhile), then tell the driver its config space changed."""
+        with self._lock:
+            change()
+            self.config_changed()
+
     def config_changed(self) -> None:
         """The device's config space changed: bump the generation and tell the driver.
 
