@@ -51,6 +51,8 @@ I8042_PORT, I8042_PORTS = 0x60, 5
 POST_PORT = 0x80  # Linux's io_delay port: a write-only sink
 FIRST_VIRTIO_IRQ = 5
 MIRROR_FIRST_SLOT = 256  # KVM memory slots of the register mirrors; guest RAM uses the first few
+# Metric groups named after the device where Firecracker's name differs from Ember's.
+_METRIC_GROUP = {"rng": "entropy"}
 
 
 class QueueNotifier:
@@ -482,7 +484,26 @@ class MicroVM:
             "uart": {"tx_bytes": self.console_out.bytes_out} if hasattr(self, "console_out") else {},
             "pio_bus": self.pio_bus.stats() if hasattr(self, "pio_bus") else {},
             "mmio_bus": self.mmio_bus.stats() if hasattr(self, "mmio_bus") else {},
+            **self._device_metrics(),
         }
+
+    def _device_metrics(self) -> dict[str, dict[str, int]]:
+        """Each virtio device's counters as Firecracker names them: ``block_<drive id>`` and
+        ``net_<iface id>`` with their sums in ``block`` and ``net``, and ``entropy``."""
+        groups: dict[str, dict[str, int]] = {}
+        for name, transport in self.virtio_devices.items():
+            counters = transport.device.metrics()
+            if not counters:
+                continue
+            kind, _, ident = name.partition(":")
+            if ident:
+                groups[f"{kind}_{ident}"] = counters
+                total = groups.setdefault(kind, dict.fromkeys(counters, 0))
+                for key, value in counters.items():
+                    total[key] += value
+            else:
+                groups[_METRIC_GROUP.get(kind, kind)] = counters
+        return groups
 
     def state_report(self) -> str:
         """What a stuck VM's devices wait for: each virtio device's interrupt state and

@@ -38,6 +38,11 @@ _NO_TEMPLATE = (None, "None")
 _STOP_WAIT_S = 5.0
 # Metrics groups Firecracker keeps at the top level; other machine counters go under "vmm".
 _TOP_LEVEL_GROUPS = {"uart", "block", "net", "vsock", "entropy", "balloon", "i8042", "rtc"}
+_PER_DEVICE_PREFIXES = ("block_", "net_")  # block_<drive id>, net_<iface id>
+
+
+def _top_level(group: str) -> bool:
+    return group in _TOP_LEVEL_GROUPS or group.startswith(_PER_DEVICE_PREFIXES)
 
 
 class Machine(Protocol):
@@ -120,6 +125,7 @@ class VmmController:
         self.counters = ApiCounters()
         self.api_server_metrics: dict[str, int] = {}
         self.metrics = MetricsSink(self.collect_metrics)
+        self._flushed: dict[str, dict[str, int]] = {}  # device counters as of the last metrics line
 
     # ---- queries ---------------------------------------------------------
     @property
@@ -310,7 +316,11 @@ class VmmController:
 
     # ---- metrics ------------------------------------------------------------
     def collect_metrics(self) -> dict:
-        """One metrics object: API counters, logger losses and the machine's counters."""
+        """One metrics object: API counters, logger losses and the machine's counters.
+
+        The device groups Firecracker keeps at the top level count, as there, what
+        happened since the previous line; the rest of the machine's counters (under
+        ``vmm``) are totals since the start."""
         data: dict[str, Any] = {"utc_timestamp_ms": utc_timestamp_ms()}
         data.update(self.counters.take())
         data["api_server"] = dict(self.api_server_metrics)
@@ -319,8 +329,16 @@ class VmmController:
         if vm is not None:
             vmm = data.setdefault("vmm", {})
             for key, value in vm.metrics().items():
-                (data if key in _TOP_LEVEL_GROUPS else vmm)[key] = value
+                if _top_level(key):
+                    data[key] = self._since_last_line(key, value)
+                else:
+                    vmm[key] = value
         return data
+
+    def _since_last_line(self, group: str, totals: dict[str, int]) -> dict[str, int]:
+        last = self._flushed.get(group, {})
+        self._flushed[group] = dict(totals)
+        return {key: value - last.get(key, 0) for key, value in totals.items()}
 
     # ---- helpers --------------------------------------------------------------
     def _require_not_started(self) -> None:

@@ -77,10 +77,10 @@ class MetricsSink:
         """Write one line now; False when no target is configured."""
         if self._fd is None:
             return False
-        line = json.dumps(self._source(), sort_keys=True, default=str) + "\n"
-        with self._lock:
+        with self._lock:  # one line at a time: a line's "since the last line" counters need order
             if self._fd is None:
                 return False
+            line = json.dumps(self._source(), sort_keys=True, default=str) + "\n"
             try:
                 os.write(self._fd, line.encode())
             except OSError as err:

@@ -56,7 +56,6 @@ class RateLimiter:
 
     def __init__(self, bandwidth: TokenBucket | None = None, ops: TokenBucket | None = None) -> None:
         self.bandwidth, self.ops = bandwidth, ops
-        self.throttled = 0  # requests told to wait, for metrics
 
     def admit(self, nbytes: int) -> float:
         """Take one op and ``nbytes`` bytes and return 0.0, or take nothing and return
@@ -67,7 +66,6 @@ class RateLimiter:
         if self.bandwidth is not None and nbytes:
             wait = max(wait, self.bandwidth.wait_for(nbytes))
         if wait:
-            self.throttled += 1
             return wait
         if self.ops is not None:
             self.ops.take(1)

@@ -112,9 +112,10 @@ def test_a_running_drive_takes_new_media_and_the_guest_sees_the_new_size(tmp_pat
     first, second = tmp_path / "first.img", tmp_path / "second.img"
     first.write_bytes(bytes(1 << 20))
     second.write_bytes(bytes(3 << 20))
-    drive = cfg.Drive(drive_id="data", path_on_host=str(first), is_root_device=False)
+    drives = [cfg.Drive(drive_id="data", path_on_host=str(first), is_root_device=False),
+              cfg.Drive(drive_id="spare", path_on_host=str(first), is_root_device=False, is_read_only=True)]
     vm = MicroVM(cfg.VmConfig(boot_source=cfg.BootSource(kernel_image_path=str(kernel)),
-                              machine_config=cfg.MachineConfig(mem_size_mib=32), drives=[drive]),
+                              machine_config=cfg.MachineConfig(mem_size_mib=32), drives=drives),
                  console="none")
     vm.start()
     try:
@@ -130,6 +131,11 @@ def test_a_running_drive_takes_new_media_and_the_guest_sees_the_new_size(tmp_pat
         with pytest.raises(EmberError, match="no drive"):
             vm.update_drive("nope", str(first))
         assert capacity() == 6144 and vm.config.drives[0].path_on_host == str(second)
+        vm.update_drive("spare", str(second))
+        metrics = vm.metrics()  # Firecracker's groups: per drive, and their sum
+        assert (metrics["block_data"]["update_count"], metrics["block_data"]["update_fails"]) == (1, 1)
+        assert metrics["block_spare"]["update_count"] == 1
+        assert metrics["block"]["update_count"] == 2 and metrics["block"]["update_fails"] == 1
     finally:
         vm.stop()
         vm.wait(timeout=10)

@@ -121,7 +121,8 @@ def test_pause_and_resume_a_running_guest(tmp_path):
 
 def test_new_media_for_a_running_drive_reaches_the_guest(tmp_path):
     """PATCH /drives/{id} with path_on_host: the guest's virtio-blk driver gets a
-    config-change interrupt, sees the new size and reads the new image."""
+    config-change interrupt, sees the new size and reads the new image; the drive's
+    metrics count the change and the guest's reads."""
     first, second = tmp_path / "first.img", tmp_path / "second.img"
     first.write_bytes(b"first-media!".ljust(1 << 20, b"\0"))
     second.write_bytes(b"second-media".ljust(3 << 20, b"\0"))
@@ -130,7 +131,8 @@ def test_new_media_for_a_running_drive_reaches_the_guest(tmp_path):
               f"while [ $({size}) = 2048 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; "
               f"echo media-size=$({size}); "
               "echo media-data=$(dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 12)")
-    proc, sock = start_firecracker(tmp_path)
+    metrics = tmp_path / "fc.metrics"
+    proc, sock = start_firecracker(tmp_path, "--metrics-path", str(metrics))
     log = tmp_path / "console.log"
     try:
         configure(sock, script)
@@ -148,6 +150,12 @@ def test_new_media_for_a_running_drive_reaches_the_guest(tmp_path):
         lines = log.read_text(errors="replace").replace("\r", "").splitlines()
         assert [line for line in lines if line.startswith("media-")] == [
             "media-size=2048", "media-size=6144", "media-data=second-media"], lines[-30:]
+        drive: dict[str, int] = {}  # each line counts since the one before: their sum is the total
+        for line in metrics.read_text().splitlines():
+            for key, value in json.loads(line).get("block_data", {}).items():
+                drive[key] = drive.get(key, 0) + value
+        assert (drive["update_count"], drive["update_fails"], drive["execute_fails"]) == (1, 0, 0), drive
+        assert drive["read_count"] >= 2 and drive["write_count"] == 0, drive  # the partition scan, then dd
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -286,9 +286,27 @@ def test_logger_and_metrics_endpoints(api, tmp_path):
     assert metrics["utc_timestamp_ms"] > 0
     assert metrics["get_api_requests"]["machine_cfg_count"] == 1
     assert metrics["put_api_requests"]["metrics_fails"] == 1
+    assert "block_rootfs" not in metrics  # no machine yet
     text = log_path.read_text()
     assert "[anonymous-instance:" in text and ":INFO:ember/api/" in text
     ctl.logs.close()
+
+
+def test_device_metrics_count_since_the_last_line_and_the_vmm_group_totals(api, files, tmp_path):
+    """Firecracker's device groups (uart, block_<id>...) are deltas per metrics line;
+    Ember's own machine counters under vmm stay totals."""
+    ctl, client = api
+    metrics_path = tmp_path / "fc.metrics"
+    assert client.call("PUT", "/metrics", {"metrics_path": str(metrics_path)}) == (204, None)
+    configure(client, files)
+    start(client)
+    for _ in range(3):
+        assert client.call("PUT", "/actions", {"action_type": "FlushMetrics"}) == (204, None)
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    # the fake's totals grow by one 4 KiB read per line: each line shows that one read
+    assert [line["block_rootfs"] for line in lines] == [{"read_count": 1, "read_bytes": 4096}] * 3
+    assert [line["uart"]["tx_bytes"] for line in lines] == [42, 0, 0]
+    assert all(line["vmm"]["exits"] == {"io": 3} for line in lines)
 
 
 # ---- transport ---------------------------------------------------------------

@@ -78,7 +78,10 @@ class FakeMachine:
         return self.exit if self._done.wait(timeout) else None
 
     def metrics(self) -> dict:
-        return {"state": self.state, "exits": {"io": 3}, "uart": {"tx_bytes": 42}}
+        """Totals since the start, as a machine reports them; the drive's grow by a read each call."""
+        self.reads = getattr(self, "reads", 0) + 1
+        return {"state": self.state, "exits": {"io": 3}, "uart": {"tx_bytes": 42},
+                "block_rootfs": {"read_count": self.reads, "read_bytes": 4096 * self.reads}}
 
 
 def fake_factory(**kwargs):

@@ -83,7 +83,7 @@ def test_a_limiter_takes_from_both_buckets_or_neither():
     limiter = RateLimiter(TokenBucket(1000, 1000, clock=clock), TokenBucket(2, 1000, clock=clock))
     assert limiter.admit(600) == 0
     wait = limiter.admit(600)  # ops has 1 left, bandwidth only 400 bytes
-    assert wait == pytest.approx(0.2) and limiter.throttled == 1
+    assert wait == pytest.approx(0.2)
     assert limiter.ops.budget == pytest.approx(1)  # the refused request took no op
     clock.now += 0.2
     assert limiter.admit(600) == 0

@@ -211,6 +211,21 @@ def test_missing_image_is_a_config_error(tmp_path):
         BlockDevice(str(tmp_path / "nope.img"))
 
 
+def test_metrics_count_requests_bytes_and_failures(memory, image):
+    disk = Disk(memory, image)
+    disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=1024)
+    disk.request(block.VIRTIO_BLK_T_IN, sector=2, in_len=512, indirect=True)
+    disk.request(block.VIRTIO_BLK_T_OUT, sector=0, out=bytes(1536))
+    disk.request(block.VIRTIO_BLK_T_FLUSH)
+    disk.request(block.VIRTIO_BLK_T_IN, sector=SECTORS, in_len=512)  # past the end
+    pages = scattered_request(disk, block.VIRTIO_BLK_T_IN, 4, 3, indirect=True)  # the span path
+    assert pages[0] == block.VIRTIO_BLK_S_OK
+    assert disk.device.metrics() == {
+        "read_count": 3, "read_bytes": 1024 + 512 + 3 * 512, "write_count": 1, "write_bytes": 1536,
+        "flush_count": 1, "execute_fails": 1, "update_count": 0, "update_fails": 0,
+        "rate_limiter_throttled_events": 0}
+
+
 def test_media_change_serves_the_new_image_and_tells_the_driver(memory, image, tmp_path):
     disk = Disk(memory, image)
     other = tmp_path / "other.img"
@@ -238,6 +253,7 @@ def test_failed_media_change_changes_nothing(memory, image, tmp_path):
         disk.transport.change_device(lambda: disk.device.change_media(str(tmp_path / "missing.img")))
     assert disk.driver.read32(mmio.REG_CONFIG_GENERATION) == generation and disk.irq.count == 0
     assert disk.device.path == str(image) and config_u64(disk.transport, 0) == SECTORS
+    assert disk.device.metrics()["update_fails"] == 1 and disk.device.metrics()["update_count"] == 0
     status, data, _ = disk.request(block.VIRTIO_BLK_T_IN, sector=0, in_len=512)
     assert status == block.VIRTIO_BLK_S_OK and data == image.read_bytes()[:512]
 

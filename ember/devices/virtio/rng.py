@@ -41,6 +41,10 @@ class RngDevice(VirtioDevice):
         if pushed:
             self.signal_used(index)
 
+    def metrics(self) -> dict[str, int]:
+        return {"entropy_bytes": self.bytes_served,
+                "entropy_rate_limiter_throttled": self.throttled_events.get(0, 0)}
+
     def _fill(self, chain: DescriptorChain) -> int:
         """Fill the chain's writable buffers with random bytes, up to the cap."""
         budget = self.request_cap
