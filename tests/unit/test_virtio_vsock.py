@@ -133,6 +133,8 @@ def test_host_initiated_connection_relays_both_ways(guest):
     assert (rw.op, rw.src_port, rw.dst_port, data) == (p.OP_RW, local, 52, b"hello guest")
     guest.send(p.OP_RW, 52, local, b"hello host")
     assert sock.recv(64) == b"hello host"
+    counts = guest.device.metrics()
+    assert (counts["rx_bytes_count"], counts["tx_bytes_count"], counts["conns_added"]) == (11, 10, 1)
     sock.close()
     guest.loop.pump()
     ((shut, _),) = guest.received()

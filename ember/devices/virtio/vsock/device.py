@@ -75,6 +75,12 @@ class VsockDevice(VirtioDevice):
     def config_bytes(self) -> bytes:
         return CONFIG.pack(self.guest_cid)
 
+    def metrics(self) -> dict[str, int]:
+        """``stats`` under Firecracker's vsock metric names where it has one."""
+        renamed = {"rx_packets": "rx_packets_count", "tx_packets": "tx_packets_count",
+                   "rx_bytes": "rx_bytes_count", "tx_bytes": "tx_bytes_count", "conns_opened": "conns_added"}
+        return {renamed.get(key, key): value for key, value in self.stats.items()}
+
     @staticmethod
     def _listen(path: str) -> socket.socket:
         """Bind the host-initiated socket, replacing a stale one left by an earlier run."""
@@ -409,6 +415,7 @@ class VsockDevice(VirtioDevice):
             except OSError as exc:
                 self._reset(conn, f"host socket write failed: {exc.strerror}")
                 return
+            self.stats["tx_bytes"] += hdr.len
         if conn.pending:
             self._watch_writable(conn)
         elif conn.credit_update_due():
