@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--vcpus", type=int, default=1, metavar="N", help="number of vCPUs (default 1)")
     run.add_argument("--console", default="stdio", metavar="stdio|file:PATH|none", help="guest console")
     run.add_argument("--agent-sock", metavar="PATH", help="Unix socket for `ember exec` (default guest only)")
-    run.add_argument("--verbose", "-v", action="store_true", help="print boot time and VM exits by reason")
+    run.add_argument("--verbose", "-v", action="store_true",
+                     help="print boot time, VM exits by reason and each virtio device's counters")
     run.add_argument("--no-rig", action="store_true", help="never fall back to the rig")
     run.add_argument("--register-exits", action="store_true",
                      help="serve the guest's virtio register loads through VM exits instead of the "
@@ -296,6 +297,39 @@ def _print_summary(vm, info) -> None:
     for target, stat in by_device[:SUMMARY_ROWS]:
         table.add_row(target, str(stat["count"]), f"{stat['total_ns'] / 1e6:.1f}")
     console.print(table)
+    rows = device_rows(metrics)
+    if rows:
+        table = Table(title="virtio devices")
+        table.add_column("device")
+        table.add_column("counters (non-zero)")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+_DEVICE_GROUPS = ("block_", "net_", "vsock", "entropy")  # per device; "block" and "net" are their sums
+
+
+def device_rows(metrics: dict) -> list[tuple[str, str]]:
+    """(device, its non-zero counters) for each virtio device in a machine's metrics."""
+    rows = []
+    for group, counters in metrics.items():
+        if isinstance(counters, dict) and group.startswith(_DEVICE_GROUPS):
+            shown = ", ".join(f"{key} {_amount(key, value)}" for key, value in counters.items() if value)
+            rows.append((group, shown or "idle"))
+    return rows
+
+
+def _amount(key: str, value: int) -> str:
+    """A counter for people: byte counts in KiB, MiB or GiB."""
+    if "bytes" not in key or value < 1024:
+        return str(value)
+    size, unit = value / 1024, "KiB"
+    for bigger in ("MiB", "GiB"):
+        if size < 1024:
+            break
+        size, unit = size / 1024, bigger
+    return f"{size:.1f} {unit}"
 
 
 def _has_stdin() -> bool:

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.system
 BOOT_TIMEOUT = 240
 
 
-def ember_run(*args: str, timeout: float = BOOT_TIMEOUT) -> subprocess.CompletedProcess:
-    return run_ember("run", "--no-rig", *args, timeout=timeout)
+def ember_run(*args: str, timeout: float = BOOT_TIMEOUT, prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return run_ember("run", "--no-rig", *args, timeout=timeout, prefix=prefix)
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])

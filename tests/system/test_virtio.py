@@ -6,6 +6,7 @@ the host side too (the image file after the VM exited).
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
@@ -48,10 +49,16 @@ def test_raw_writes_reach_the_image_and_read_only_drives_refuse_writes(tmp_path)
         "if dd if=/dev/zero of=/dev/vdb bs=512 count=1 conv=fsync 2>/dev/null; then echo ro-write-ok; "
         "else echo ro-write-refused; fi"
     )
-    result = ember_run("--drive", str(disk), "--drive", f"{ro},ro", "--", script)
+    result = ember_run("--drive", str(disk), "--drive", f"{ro},ro", "--verbose", "--", script,
+                       prefix=("env", "COLUMNS=250"))  # one table row per line
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr
     assert "ember-block-data" in result.stdout
     assert "ro-write-refused" in result.stdout
+    # --verbose ends with each device's counters: the writable drive wrote and flushed, the other never wrote
+    rows = {name: line for line in result.stderr.splitlines() for name in ("block_drive0", "block_drive1")
+            if f" {name} " in line}
+    assert re.search(r"write_count [1-9].*flush_count [1-9]", rows.get("block_drive0", "")), result.stderr[-3000:]
+    assert "read_count" in rows.get("block_drive1", "") and "write_count" not in rows["block_drive1"], rows
     with open(disk, "rb") as f:
         f.seek(8 * 512)
         assert f.read(16) == b"ember-block-data"

@@ -74,3 +74,14 @@ def test_kvm_device_missing_is_one_line(tmp_path):
             "kvm_path='/nonexistent/kvm', console='none'); vm.start()")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "/nonexistent/kvm" in result.stderr.strip().splitlines()[-1]
+
+
+def test_device_rows_show_each_device_and_only_its_nonzero_counters():
+    from ember.cli import device_rows
+
+    metrics = {"state": "Exited", "exits": {"total": 9}, "uart": {"tx_bytes": 5},
+               "block_drive0": {"read_count": 3, "read_bytes": 3 << 20, "write_count": 0},
+               "block": {"read_count": 3, "read_bytes": 3 << 20, "write_count": 0},
+               "net_eth0": {"rx_packets_count": 0}, "entropy": {"entropy_bytes": 64}}
+    assert device_rows(metrics) == [("block_drive0", "read_count 3, read_bytes 3.0 MiB"),
+                                    ("net_eth0", "idle"), ("entropy", "entropy_bytes 64")]
