@@ -38,6 +38,7 @@ class FakeMachine:
         self._exit_at_start = exit_at_start
         self._done = threading.Event()
         self.exit: FakeExit | None = None
+        self.reads = 0  # the drive's total reads, one more at each metrics() call
         FakeMachine.instances.append(self)
 
     def start(self) -> None:
@@ -79,7 +80,7 @@ class FakeMachine:
 
     def metrics(self) -> dict:
         """Totals since the start, as a machine reports them; the drive's grow by a read each call."""
-        self.reads = getattr(self, "reads", 0) + 1
+        self.reads += 1
         return {"state": self.state, "exits": {"io": 3}, "uart": {"tx_bytes": 42},
                 "block_rootfs": {"read_count": self.reads, "read_bytes": 4096 * self.reads}}
 
