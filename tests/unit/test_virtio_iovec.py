@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -54,3 +55,29 @@ def test_one_buffer_past_the_end_refuses_the_whole_table():
 def test_an_address_below_the_region_refuses_the_whole_table():
     entries = [(0x2000, 16, 1, 1), (0xFFF, 1, 2, 0)]
     assert iovec.from_descriptors(table(entries), 0x1000, 0x10000, 0x5000_0000) is None
+
+
+def test_preadv_and_pwritev_serve_a_range_of_the_iovec_array(tmp_path):
+    """A request's data sits between header and status: the call covers just those iovecs."""
+    import ctypes
+    import os
+    from array import array
+
+    buffers = [ctypes.create_string_buffer(8) for _ in range(4)]
+    iov = array("Q")
+    for buf in buffers:
+        iov.extend((ctypes.addressof(buf), 8))
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(64)))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        assert iovec.preadv(fd, iov, 8, 1, 2) == 16
+        assert [buf.raw for buf in buffers] == [bytes(8), bytes(range(8, 16)), bytes(range(16, 24)), bytes(8)]
+        buffers[1].raw = b"A" * 8
+        assert iovec.pwritev(fd, iov, 40, 1) == 24  # from iovec 1 to the end
+        assert path.read_bytes()[40:64] == b"A" * 8 + bytes(range(16, 24)) + bytes(8)
+        for first, count in ((0, 5), (3, 2), (-1, 1), (1, -1)):
+            with pytest.raises(ValueError):
+                iovec.preadv(fd, iov, 0, first, count)
+    finally:
+        os.close(fd)

@@ -87,7 +87,8 @@ def _outcome(walk):
         chain = walk()
     except VirtqueueError:
         return "error"
-    return b"".join(map(bytes, chain.readable)), [len(v) for v in chain.writable]
+    inner = None if chain.spans is None else chain.spans.inner_length()
+    return b"".join(map(bytes, chain.readable)), [len(v) for v in chain.writable], inner
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -178,6 +179,8 @@ def test_known_inner_entries_still_map_the_new_header_and_status(memory):
         assert [len(v) for v in chain.writable] == [0x1000] * 4 + [1]
         chain.writable[-1][0] = 0x55
         assert memory.read(status, 1) == b"\x55"
+        assert chain.spans.inner_length() == 0x4000  # from the known entries after the first
+        assert (chain.spans.inner_bytes is None) == (request == 0)
     assert queue.checked_inner is not None
 
 

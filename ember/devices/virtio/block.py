@@ -208,9 +208,8 @@ class BlockDevice(VirtioDevice):
     def _serve_spans(self, spans: GuestSpans) -> int | None:
         """A read or write laid out as Linux does it, straight from the chain's iovec array;
         None for anything else (the memoryview path serves it). Every span is inside guest RAM."""
-        count, readable = spans.count, spans.readable
-        lengths = spans.lengths()
-        if not 3 <= count <= iovec.IOV_MAX + 2 or lengths[0] != REQUEST_HEADER.size or lengths[-1] != STATUS_SIZE:
+        count, readable, iov = spans.count, spans.readable, spans.iov
+        if not 3 <= count <= iovec.IOV_MAX + 2 or iov[1] != REQUEST_HEADER.size or iov[-1] != STATUS_SIZE:
             return None
         ram = spans.region.view
         rtype, _, sector = REQUEST_HEADER.unpack_from(ram, spans.offset(0))
@@ -220,8 +219,7 @@ class BlockDevice(VirtioDevice):
             io = iovec.pwritev
         else:
             return None
-        data = spans.part(1, count - 1)
-        written, ram[spans.offset(count - 1)] = self._attempt(rtype, sector, lambda: self._span_io(sector, io, data))
+        written, ram[spans.offset(count - 1)] = self._attempt(rtype, sector, lambda: self._span_io(sector, io, spans))
         return (written if io is iovec.preadv else 0) + STATUS_SIZE
 
     def _attempt(self, rtype: int, sector: int, work: Callable[[], int]) -> tuple[int, int]:
@@ -233,15 +231,16 @@ class BlockDevice(VirtioDevice):
             log.debug("drive %s: request %d at sector %d: %s", self.path, rtype, sector, exc)
             return 0, exc.status
 
-    def _span_io(self, sector: int, io, data: GuestSpans) -> int:
-        length = sum(data.lengths())
+    def _span_io(self, sector: int, io, spans: GuestSpans) -> int:
+        """Move a request's data (every buffer between header and status) with one call."""
+        length = spans.inner_length()
         offset = self._check_range(sector, length)
         try:
-            done = io(self.fd, data.iov, offset)
+            done = io(self.fd, spans.iov, offset, 1, spans.count - 2)
         except OSError as exc:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"I/O error: {exc.strerror}") from None
         if done != length:  # short: the general path loops over the rest
-            _, rest = split_views(data.views(), done)
+            _, rest = split_views(spans.views()[1:-1], done)
             self._io(os.preadv if io is iovec.preadv else os.pwritev, rest, offset + done)
         if io is iovec.preadv:
             self.read_count += 1

@@ -60,20 +60,26 @@ def from_descriptors(table: bytes, gpa: int, size: int, host: int) -> array | No
     return iov
 
 
-def _call(function, fd: int, iov: array, offset: int) -> int:
+def _call(function, fd: int, iov: array, offset: int, first: int, count: int | None) -> int:
     address, words = iov.buffer_info()
-    done = function(fd, address, words // 2, offset)
+    available = words // 2 - first
+    count = available if count is None else count
+    if first < 0 or not 0 <= count <= available:
+        raise ValueError(f"iovecs {first}+{count} outside an array of {words // 2}")
+    done = function(fd, address + first * ENTRY_SIZE, count, offset)
     if done < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return done
 
 
-def preadv(fd: int, iov: array, offset: int) -> int:
-    """Bytes read into the iovec array's buffers (OSError on failure)."""
-    return _call(_libc.preadv, fd, iov, offset)
+def preadv(fd: int, iov: array, offset: int, first: int = 0, count: int | None = None) -> int:
+    """Bytes read into the buffers of iovecs first..first+count-1 (all from ``first``
+    by default); OSError on failure."""
+    return _call(_libc.preadv, fd, iov, offset, first, count)
 
 
-def pwritev(fd: int, iov: array, offset: int) -> int:
-    """Bytes written from the iovec array's buffers (OSError on failure)."""
-    return _call(_libc.pwritev, fd, iov, offset)
+def pwritev(fd: int, iov: array, offset: int, first: int = 0, count: int | None = None) -> int:
+    """Bytes written from the buffers of iovecs first..first+count-1 (all from ``first``
+    by default); OSError on failure."""
+    return _call(_libc.pwritev, fd, iov, offset, first, count)

@@ -82,6 +82,7 @@ class GuestSpans:
     region: MemoryRegion
     iov: array.array
     readable: int
+    inner_bytes: int | None = None  # the inner buffers' total when already known (CheckedInner)
 
     @property
     def count(self) -> int:
@@ -91,13 +92,16 @@ class GuestSpans:
         stop = self.count if stop is None else stop
         return self.iov[2 * first + 1:2 * stop:2]
 
+    def inner_length(self) -> int:
+        """Bytes in every buffer but the first and the last: a request's data between
+        its header and its status."""
+        if self.inner_bytes is None:
+            return sum(self.lengths(1, self.count - 1))
+        return self.inner_bytes
+
     def offset(self, index: int) -> int:
         """Where buffer ``index`` starts in the region's view."""
         return self.iov[2 * index] - self.region.host_addr
-
-    def part(self, first: int, stop: int) -> GuestSpans:
-        """Buffers first..stop-1, all counted writable."""
-        return GuestSpans(self.region, self.iov[2 * first:2 * stop], 0)
 
     def views(self) -> list[memoryview]:
         ram, host, iov = self.region.view, self.region.host_addr, self.iov
@@ -120,6 +124,7 @@ class CheckedInner:
     region: MemoryRegion  # holds every inner buffer
     iov: array.array  # their iovecs
     readable: int  # how many are device-readable (they come first)
+    length: int  # their bytes together
 
 
 class DescriptorChain:
@@ -332,8 +337,9 @@ class _ChainWalker:
         if spans is not None:  # checked once for all; views are made only if a device asks
             if count > 2:
                 inner_readable = flags.count(VIRTQ_DESC_F_NEXT, 1, count - 1)
-                self.queue.checked_inner = CheckedInner(raw[DESC_SIZE:-DESC_SIZE], spans.region,
-                                                        spans.iov[2:-2], inner_readable)
+                inner_iov = spans.iov[2:-2]
+                self.queue.checked_inner = CheckedInner(raw[DESC_SIZE:-DESC_SIZE], spans.region, inner_iov,
+                                                        inner_readable, sum(inner_iov[1::2]))
             return DescriptorChain(self.chain.head, spans=spans)
         starts, lengths = memoryview(raw).cast("Q")[0::2], memoryview(raw).cast("I")[2::4]
         views = [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
@@ -365,7 +371,7 @@ class _ChainWalker:
         iov = array.array("Q", (base + first_addr, first_len))
         iov += known.iov
         iov.extend((base + last_addr, last_len))
-        return GuestSpans(region, iov, readable)
+        return GuestSpans(region, iov, readable, known.length)
 
     def _spans_in_one_region(self, raw: bytes, readable: int) -> GuestSpans | None:
         """The table as an iovec array if the RAM region of its first buffer holds every
