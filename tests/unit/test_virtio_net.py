@@ -155,6 +155,36 @@ def test_mergeable_frame_spans_several_chains(rig):
     assert data[NET_HDR_SIZE:] == payload
 
 
+def test_a_frame_over_several_buffers_is_published_at_once(rig, monkeypatch):
+    """VIRTIO 1.2 5.1.6.4.2: the driver must never see some of a frame's buffers used and
+    not the rest (Linux drops such a frame and takes the rest for a new one). The used
+    index moves once, past all three, after their elements are in place."""
+    from ember.devices.virtio import queue as vq
+
+    real, published = vq.U16, []
+
+    class WatchedU16:
+        size = real.size
+
+        def unpack_from(self, *args):
+            return real.unpack_from(*args)
+
+        def pack_into(self, buf, offset, value):
+            if offset == 2 and buf is rig.device.queues[net.RX_QUEUE].used:
+                ring = [real.unpack_from(buf, 4 + 8 * i)[0] for i in range(value)]
+                published.append((value, ring))
+            real.pack_into(buf, offset, value)
+
+    monkeypatch.setattr(vq, "U16", WatchedU16())
+    bufs = rig.post_rx(1024, 1024, 1024)
+    rig.driver.kick(net.RX_QUEUE)
+    rig.tap.peer.send(bytes(NET_HDR_SIZE) + frame(os.urandom(2900)))
+    rig.loop.pump()
+    heads = [head for head, _ in rig.rx.take_used()]
+    assert len(heads) == 3 == len(bufs)
+    assert published == [(3, heads)]
+
+
 def test_receive_waits_for_buffers(rig):
     rig.tap.peer.send(bytes(NET_HDR_SIZE) + frame(b"early"))
     rig.loop.pump()

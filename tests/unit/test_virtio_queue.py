@@ -256,6 +256,24 @@ def test_malformed_chains_raise_virtqueue_error(memory, case):
         queue.pop()
 
 
+def test_several_chains_return_together_across_the_ring_wrap(memory):
+    queue, driver, _ = make_queue(memory, size=4)
+    for _ in range(3):  # used idx 3: the next three elements land in slots 3, 0 and 1
+        driver.add_chain([Buffer(0x8000, 1)])
+        queue.push_used(queue.pop().head, 0)
+    driver.take_used()
+    heads = []
+    for _ in range(3):
+        heads.append(driver.add_chain([Buffer(0x8000, 8, write=True)]))
+        assert queue.pop().head == heads[-1]
+    queue.push_used_many([(head, 5 + n) for n, head in enumerate(heads)])
+    assert driver.used_idx() == 6 and queue.state.next_used == 6
+    assert driver.take_used() == [(head, 5 + n) for n, head in enumerate(heads)]
+    queue.deactivate()
+    queue.push_used_many([(heads[0], 1)])  # a stopped queue takes nothing
+    assert driver.used_idx() == 6
+
+
 def test_no_interrupt_flag_without_event_idx(memory):
     queue, driver, _ = make_queue(memory)
     assert not queue.needs_notification()  # nothing used yet

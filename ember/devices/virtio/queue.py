@@ -546,6 +546,20 @@ class Virtqueue:
         self.state.next_used = (self.state.next_used + 1) & IDX_MASK
         U16.pack_into(self.used, 2, self.state.next_used)  # x86 keeps the two stores in order
 
+    def push_used_many(self, elements: list[tuple[int, int]]) -> None:
+        """Return several chains (head, bytes written) at once: every used element is in
+        place before the used index moves past them all, so the driver sees all or none.
+        A received packet spread over mergeable buffers needs this (VIRTIO 1.2 5.1.6.4.2:
+        the device uses them together, so that at least num_buffers are seen as used)."""
+        if not self.active:
+            return
+        size, used, index = self.size, self.used, self.state.next_used
+        for head, written in elements:
+            USED_ELEM.pack_into(used, RING_HEADER_SIZE + USED_ELEM.size * (index % size), head, written)
+            index = (index + 1) & IDX_MASK
+        self.state.next_used = index
+        U16.pack_into(used, 2, index)  # x86 keeps the stores in order
+
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
         if not self.active:
