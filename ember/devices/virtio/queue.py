@@ -13,6 +13,7 @@ import functools
 import logging
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import msgspec
@@ -539,14 +540,9 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes filled in."""
-        if not self.active:
-            return
-        slot = RING_HEADER_SIZE + USED_ELEM.size * (self.state.next_used % self.size)
-        USED_ELEM.pack_into(self.used, slot, head, written)
-        self.state.next_used = (self.state.next_used + 1) & IDX_MASK
-        U16.pack_into(self.used, 2, self.state.next_used)  # x86 keeps the two stores in order
+        self.push_used_many(((head, written),))
 
-    def push_used_many(self, elements: list[tuple[int, int]]) -> None:
+    def push_used_many(self, elements: Iterable[tuple[int, int]]) -> None:
         """Return several chains (head, bytes written) at once: every used element is in
         place before the used index moves past them all, so the driver sees all or none.
         A received packet spread over mergeable buffers needs this (VIRTIO 1.2 5.1.6.4.2:
