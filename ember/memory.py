@@ -13,7 +13,7 @@ import ctypes
 import logging
 import mmap
 import os
-import struct
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,9 +25,11 @@ log = logging.getLogger(__name__)
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)  # Linux value; Python < 3.13 lacks it
 HUGE_PAGE_SIZE = 2 << 20  # x86-64 transparent huge page
 _BITS_PER_BYTE = 8
-_U16 = struct.Struct("<H")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
+# Guest integers are little-endian, as this host is (x86-64); memoryview's native
+# items are read and written with one load or store each.
+_U16, _U32, _U64 = "H", "I", "Q"
+_INT_SIZES = {_U16: 2, _U32: 4, _U64: 8}
+assert sys.byteorder == "little", "guest integers are accessed in host order"
 
 
 class GuestMemoryError(EmberError):
@@ -161,13 +163,17 @@ class GuestMemory:
         data = memoryview(data).cast("B")
         self.view(gpa, data.nbytes)[:] = data
 
-    def _unpack(self, fmt: struct.Struct, gpa: int) -> int:
-        region, offset = self._locate(gpa, fmt.size)
-        return fmt.unpack_from(region.view, offset)[0]
+    def _unpack(self, code: str, gpa: int) -> int:
+        size = _INT_SIZES[code]
+        region, offset = self._locate(gpa, size)
+        return region.view[offset:offset + size].cast(code)[0]
 
-    def _pack(self, fmt: struct.Struct, gpa: int, value: int) -> None:
-        region, offset = self._locate(gpa, fmt.size)
-        fmt.pack_into(region.view, offset, value)
+    def _pack(self, code: str, gpa: int, value: int) -> None:
+        """One store of the whole integer: a vCPU reading it at the same time sees the old
+        value or the new one (struct.pack_into would zero it first, then write bytes)."""
+        size = _INT_SIZES[code]
+        region, offset = self._locate(gpa, size)
+        region.view[offset:offset + size].cast(code)[0] = value
 
     def read_u8(self, gpa: int) -> int:
         region, offset = self._locate(gpa, 1)

@@ -63,7 +63,7 @@ class VcpuLoop:
                 return ExitInfo(ExitReason.POWEROFF, detail="vCPU halted")
             elif reason == k.KVM_EXIT_SHUTDOWN:
                 record("shutdown", None, 0)
-                return ExitInfo(ExitReason.TRIPLE_FAULT, detail="guest triple-faulted (KVM_EXIT_SHUTDOWN)")
+                return self._shutdown()
             elif reason == k.KVM_EXIT_INTERNAL_ERROR:
                 record("internal_error", None, 0)
                 return self._internal_error()
@@ -97,6 +97,14 @@ class VcpuLoop:
         else:
             data[:] = self.mmio_bus.read(addr, len(data))
         return f"mmio:{addr & ~0xFFF:#x}"
+
+    def _shutdown(self) -> ExitInfo:
+        """KVM_EXIT_SHUTDOWN: the guest triple-faulted; say which vCPU, and where."""
+        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
+        where = (f"rip {regs.rip:#x}, rsp {regs.rsp:#x}, cr0 {sregs.cr0:#x}, cr3 {sregs.cr3:#x}, "
+                 f"idt {sregs.idt.base:#x}+{sregs.idt.limit:#x}")
+        return ExitInfo(ExitReason.TRIPLE_FAULT,
+                        detail=f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU {self.vcpu.vcpu_id} at {where}")
 
     def _internal_error(self) -> ExitInfo:
         """KVM could not go on; simultaneous exceptions are the guest's triple fault."""

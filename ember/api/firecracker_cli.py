@@ -134,7 +134,9 @@ def _wait_for_vm(ctl: VmmController, stopper: _Stopper) -> int:
     while True:
         info = vm.wait(timeout=_POLL_S)
         if info is not None:
-            log.info("microVM exited: %s", info.describe() if hasattr(info, "describe") else info)
+            reason = getattr(info.reason, "value", info.reason)
+            log.log(logging.INFO if reason in _CLEAN_REASONS else logging.WARNING, "microVM exited: %s",
+                    info.describe() if hasattr(info, "describe") else info)
             return exit_status(info)
         if stopper.event.is_set():
             log.warning("stopping the microVM on signal %s", stopper.signum)

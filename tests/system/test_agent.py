@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.system.vmproc import run_ember, wait_ember
+from tests.system.vmproc import run_ember, expect_ember_status
 
 pytestmark = pytest.mark.system
 
@@ -34,7 +34,7 @@ def test_exec_returns_stdout_stderr_and_status(tmp_path):
         second = ember("exec", "--agent-sock", sock, "--", "nproc")
         assert second.returncode == 0 and second.stdout.strip() == "2"
         ember("exec", "--agent-sock", sock, "--timeout", "10", "--", "poweroff")
-        assert wait_ember(vm, 60, tmp_path / "console.log") == 0
+        expect_ember_status(vm, 0, 60, tmp_path / "console.log")
     finally:
         if vm.poll() is None:
             vm.kill()

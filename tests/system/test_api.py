@@ -18,7 +18,7 @@ import time
 import pytest
 
 from ember import images
-from tests.system.vmproc import wait_ember
+from tests.system.vmproc import expect_ember_status
 
 pytestmark = pytest.mark.system
 
@@ -66,7 +66,7 @@ def test_guest_configured_and_booted_with_curl_alone(tmp_path):
         assert curl(sock, "PUT", "/actions", {"action_type": "InstanceStart"}) == (204, "")
         code, body = curl(sock, "PUT", "/boot-source", {"kernel_image_path": "/x"})
         assert code == 400 and "fault_message" in json.loads(body)
-        assert wait_ember(proc, 240, tmp_path / "console.log") == 0
+        expect_ember_status(proc, 0, 240, tmp_path / "console.log")
         console = (tmp_path / "console.log").read_text(errors="replace")
         assert "booted-over-the-api\n2\n" in console.replace("\r", "")
     finally:
@@ -146,7 +146,7 @@ def test_new_media_for_a_running_drive_reaches_the_guest(tmp_path):
         code, body = curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(tmp_path / "no")})
         assert code == 400 and "fault_message" in json.loads(body)
         assert curl(sock, "PATCH", "/drives/data", {"drive_id": "data", "path_on_host": str(second)}) == (204, "")
-        assert wait_ember(proc, 240, log) == 0
+        expect_ember_status(proc, 0, 240, log)
         lines = log.read_text(errors="replace").replace("\r", "").splitlines()
         assert [line for line in lines if line.startswith("media-")] == [
             "media-size=2048", "media-size=6144", "media-data=second-media"], lines[-30:]

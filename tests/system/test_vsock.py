@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from ember.agent import exec_in_guest_vsock
-from tests.system.vmproc import wait_ember
+from tests.system.vmproc import expect_ember_status
 
 pytestmark = pytest.mark.system
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def test_exec_over_vsock_then_poweroff(tmp_path):
             run(uds, "poweroff", timeout=30)
         except Exception as exc:  # the guest may power off before the agent answers
             log.info("poweroff exec ended with %s", exc)
-        assert wait_ember(vm, 60, tmp_path / "console.log") == 0
+        expect_ember_status(vm, 0, 60, tmp_path / "console.log")
 
 
 class HostServer:

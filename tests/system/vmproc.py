@@ -49,9 +49,15 @@ def run_ember(*args: str, timeout: float, prefix: tuple[str, ...] = (),
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def wait_ember(proc: subprocess.Popen, timeout: float, console: Path | None = None) -> int:
-    """``proc.wait(timeout)`` for an Ember started with stderr=PIPE."""
+def expect_ember_status(proc: subprocess.Popen, status: int, timeout: float, console: Path | None = None) -> None:
+    """Wait for an Ember started with stdout and stderr piped; fail, with its output and the
+    guest console, unless it ended with ``status`` (its stderr says how the guest ended)."""
     try:
-        return proc.wait(timeout=timeout)
+        out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise _hung(proc, timeout, console) from None
+    if proc.returncode != status:
+        guest = console.read_text(errors="replace") if console is not None and console.exists() else ""
+        raise AssertionError(f"{' '.join(map(str, proc.args))} ended with status {proc.returncode}, not {status}.\n"
+                             f"--- its stderr ---\n{_tail(err)}\n--- its stdout ---\n{_tail(out)}\n"
+                             f"--- the guest console ---\n{_tail(guest)}")

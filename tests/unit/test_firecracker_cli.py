@@ -75,11 +75,16 @@ def test_config_file_boots_without_api(config_file, tmp_path, capsys):
     assert "[anonymous-instance:main] Running Ember v" in log_path.read_text()
 
 
-def test_guest_status_becomes_exit_status(config_file):
+def test_guest_status_becomes_exit_status(config_file, tmp_path):
+    log_path = tmp_path / "fc.log"
     factory = fake_factory(exit_at_start=FakeExit("poweroff", status=3))
-    assert cli.main(["--no-api", "--config-file", str(config_file)], machine_factory=factory) == 3
+    assert cli.main(["--no-api", "--config-file", str(config_file), "--log-path", str(log_path)],
+                    machine_factory=factory) == 3
+    assert "microVM exited" not in log_path.read_text()  # a guest's own status is not a VMM warning
     factory = fake_factory(exit_at_start=FakeExit("triple-fault"))
-    assert cli.main(["--no-api", "--config-file", str(config_file)], machine_factory=factory) == 1
+    assert cli.main(["--no-api", "--config-file", str(config_file), "--log-path", str(log_path)],
+                    machine_factory=factory) == 1
+    assert "microVM exited: FakeExit(reason='triple-fault'" in log_path.read_text()  # at the default level
 
 
 def test_bad_config_file(tmp_path, capsys):

@@ -4,6 +4,13 @@ Reads descriptor chains (direct and indirect, 2.7.5) from the driver's
 available ring, publishes used elements (2.7.8) and decides when the driver
 wants an interrupt (VIRTIO_F_EVENT_IDX, 2.7.7 and 2.7.10). Every index, address
 and length the guest wrote is checked; a bad chain raises VirtqueueError.
+
+The driver reads the ring's indices while the device writes them, so each is
+read and written in one 16-bit access, through memoryviews cast to u16 (and
+the used elements to u32). struct.pack_into must not touch them: it zeroes its
+field before writing it byte by byte, and a driver that reads the used index
+in between sees it at 0, takes stale ring slots for completions, and stops
+the queue ("id N is not a head!").
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import array
 import functools
 import logging
 import struct
+import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -33,7 +41,11 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 RING_HEADER_SIZE = 4  # flags, idx
 USED_ELEM = struct.Struct("<II")  # id, len
-U16 = struct.Struct("<H")
+USED_ELEM_WORDS = USED_ELEM.size // 4
+# Ring fields as u16 indices into the rings cast to "H" (VIRTIO 1.2 2.7.6, 2.7.8).
+AVAIL_FLAGS, AVAIL_IDX, AVAIL_RING = 0, 1, 2  # the driver's used_event follows the ring
+USED_IDX = 1  # the device's avail_event follows the used elements
+assert sys.byteorder == "little", "virtqueue fields are little-endian and accessed in host order"
 
 DESC_ALIGN = 16
 AVAIL_ALIGN = 2
@@ -444,13 +456,13 @@ class Virtqueue:
         if not self.active:
             return f"size {s.size}, not active"
         text = (f"size {s.size}: avail idx {self._avail_idx()} (device at {s.next_avail}), "
-                f"used idx {U16.unpack_from(self.used, 2)[0]} (device at {s.next_used}, "
+                f"used idx {self._used_words[USED_IDX]} (device at {s.next_used}, "
                 f"last signalled at {s.signalled_used})")
         if self.event_idx:
-            avail_event = U16.unpack_from(self.used, self._avail_event_offset())[0]
+            avail_event = self._used_words[self._avail_event_word()]
             text += f", used_event {self._used_event()}, avail_event {avail_event}"
         else:
-            text += f", avail flags {U16.unpack_from(self.avail, 0)[0]:#x}"
+            text += f", avail flags {self._avail_words[AVAIL_FLAGS]:#x}"
         return text
 
     def guest_view(self, addr: int, length: int) -> memoryview:
@@ -470,6 +482,9 @@ class Virtqueue:
         self.desc_table = self.guest_view(self.state.desc_addr, DESC_SIZE * size)
         self.avail = self.guest_view(self.state.driver_addr, RING_HEADER_SIZE + 2 * size + 2)
         self.used = self.guest_view(self.state.device_addr, RING_HEADER_SIZE + USED_ELEM.size * size + 2)
+        self._avail_words = self.avail.cast("H")
+        self._used_words = self.used.cast("H")
+        self._used_elems = self.used[RING_HEADER_SIZE:RING_HEADER_SIZE + USED_ELEM.size * size].cast("I")
 
     def _check_alignment(self) -> None:
         for name, addr, align in (("descriptor table", self.state.desc_addr, DESC_ALIGN),
@@ -493,10 +508,13 @@ class Virtqueue:
         self.desc_table: memoryview | None = None
         self.avail: memoryview | None = None
         self.used: memoryview | None = None
+        self._avail_words: memoryview | None = None
+        self._used_words: memoryview | None = None
+        self._used_elems: memoryview | None = None
 
     # -- available ring -------------------------------------------------
     def _avail_idx(self) -> int:
-        return U16.unpack_from(self.avail, 2)[0]
+        return self._avail_words[AVAIL_IDX]
 
     def _pending(self) -> int:
         pending = (self._avail_idx() - self.state.next_avail) & IDX_MASK
@@ -505,15 +523,15 @@ class Virtqueue:
         return pending
 
     def _set_avail_event(self) -> None:
-        U16.pack_into(self.used, self._avail_event_offset(), self.state.next_avail)
+        self._used_words[self._avail_event_word()] = self.state.next_avail
 
-    def _avail_event_offset(self) -> int:
+    def _avail_event_word(self) -> int:
         """Where avail_event sits: after the used ring's elements (2.7.8)."""
-        return RING_HEADER_SIZE + USED_ELEM.size * self.size
+        return (RING_HEADER_SIZE + USED_ELEM.size * self.size) // 2
 
     def _used_event(self) -> int:
         """The driver's used_event: after the available ring's entries (2.7.6)."""
-        return U16.unpack_from(self.avail, RING_HEADER_SIZE + 2 * self.size)[0]
+        return self._avail_words[AVAIL_RING + self.size]
 
     def pop(self) -> DescriptorChain | None:
         """The next available descriptor chain, or None when the ring is empty."""
@@ -526,8 +544,7 @@ class Virtqueue:
             memory_barrier()
             if not self._pending():
                 return None
-        slot = RING_HEADER_SIZE + 2 * (self.state.next_avail % self.size)
-        head = U16.unpack_from(self.avail, slot)[0]
+        head = self._avail_words[AVAIL_RING + self.state.next_avail % self.size]
         self.state.next_avail = (self.state.next_avail + 1) & IDX_MASK
         if head >= self.size:
             raise VirtqueueError(f"available ring names descriptor {head} of {self.size}")
@@ -549,12 +566,18 @@ class Virtqueue:
         the device uses them together, so that at least num_buffers are seen as used)."""
         if not self.active:
             return
-        size, used, index = self.size, self.used, self.state.next_used
+        size, elems, index = self.size, self._used_elems, self.state.next_used
         for head, written in elements:
-            USED_ELEM.pack_into(used, RING_HEADER_SIZE + USED_ELEM.size * (index % size), head, written)
+            word = USED_ELEM_WORDS * (index % size)
+            elems[word] = head
+            elems[word + 1] = written
             index = (index + 1) & IDX_MASK
         self.state.next_used = index
-        U16.pack_into(used, 2, index)  # x86 keeps the stores in order
+        self._publish_used_idx(index)
+
+    def _publish_used_idx(self, index: int) -> None:
+        """One 16-bit store; x86 makes it visible after the element stores before it."""
+        self._used_words[USED_IDX] = index
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -567,5 +590,5 @@ class Virtqueue:
         memory_barrier()
         if self.event_idx:
             return _need_event(self._used_event(), new, old)
-        flags = U16.unpack_from(self.avail, 0)[0]
+        flags = self._avail_words[AVAIL_FLAGS]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
