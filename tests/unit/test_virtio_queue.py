@@ -1,9 +1,6 @@
 """Split virtqueue (VIRTIO 1.2 2.7): chain parsing, used ring, notification suppression, fuzzing."""
 
-import ctypes
-import os
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +18,7 @@ from ember.devices.virtio.queue import (
 )
 from ember.devices.virtio.testdriver import Buffer, BumpAllocator, DriverQueue
 from ember.memory import GuestMemory
+from tests.torn_stores import wrong_changes_seen
 
 RAM = 1 << 20
 QSIZE = 8
@@ -218,34 +216,6 @@ def test_used_ring_and_wraparound(memory):
         assert driver.take_used() == [(h, 1) for h in heads]
 
 
-def _watch_u16(address: int, enough: int, seconds: float) -> tuple[int, int]:
-    """Fork a child that reads the u16 at ``address`` (one load each, as a vCPU does) until
-    it has seen the value move ``enough`` times or for ``seconds``, then writes to the
-    returned pipe how often it moved and how often it stepped backwards.
-    Returns (pid, the pipe's read end)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        return pid, read_end
-    moves = backwards = 0
-    try:
-        cell = ctypes.c_uint16.from_address(address)
-        last = cell.value
-        deadline = time.monotonic() + seconds
-        while moves < enough and time.monotonic() < deadline:
-            for _ in range(5000):
-                value = cell.value
-                if value != last:
-                    moves += 1
-                    if (value - last) & 0xFFFF >= 0x8000:
-                        backwards += 1
-                    last = value
-        os.write(write_end, f"{moves} {backwards}".encode())
-    finally:
-        os._exit(0)
-
-
 @pytest.mark.parametrize("field", ["used idx", "avail_event"])
 def test_a_driver_never_sees_a_ring_index_step_back(tmp_path, field):
     """The device's ring indices are stored whole: a vCPU that reads one while the device
@@ -266,12 +236,7 @@ def test_a_driver_never_sees_a_ring_index_step_back(tmp_path, field):
                 assert queue.pop() is None  # an empty ring: the device asks for the next kick
             address = driver.used + 4 + 8 * 256
         # Before the fix about one change in a thousand went backwards (to 0, then up).
-        pid, results = _watch_u16(shared.host_address(address, 2), enough=50_000, seconds=5)
-        while not os.waitpid(pid, os.WNOHANG)[0]:
-            for _ in range(200):
-                step()
-        with os.fdopen(results) as pipe:
-            moves, backwards = map(int, pipe.read().split())
+        moves, backwards = wrong_changes_seen(shared.host_address(address, 2), step)
     finally:
         shared.close()
     assert moves > 10_000, "the reader hardly saw the index move: the test proves nothing"
