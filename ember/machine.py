@@ -39,7 +39,7 @@ from ember.kvm.structs import (KVM_CAP_COALESCED_MMIO, KVM_CAP_READONLY_MEM, KVM
 from ember.memory import GuestMemory
 from ember.mmio_replay import CoalescedReplay
 from ember.outcome import ExitInfo, ExitReason
-from ember.vcpu_loop import VcpuLoop
+from ember.vcpu_loop import VcpuLoop, describe_vcpu
 
 log = logging.getLogger(__name__)
 
@@ -506,14 +506,37 @@ class MicroVM:
         return groups
 
     def state_report(self) -> str:
-        """What a stuck VM's devices wait for: each virtio device's interrupt state and
-        queue indices, and the ACKs KVM holds for replay (stackdump, on SIGUSR2)."""
+        """Where a stuck VM's vCPUs are (registers read with the VM stopped for a moment),
+        what its devices wait for: each virtio device's interrupt state and queue indices,
+        and the ACKs KVM holds for replay (stackdump, on SIGUSR2)."""
         lines = [f"ember: microVM {self.state}; exits {self.metrics()['exits']['total']}"]
+        lines += self._vcpu_report()
         if self.coalesced is not None:
             lines.append(f"  coalesced ring: {'writes waiting' if self.coalesced.pending() else 'empty'}")
         for name, transport in self.virtio_devices.items():
             lines.append(f"  {name}: " + transport.describe().replace("\n", "\n  "))
         return "\n".join(lines)
+
+    def _vcpu_report(self, wait_s: float = 3.0) -> list[str]:
+        """One line per vCPU: its registers and run state. A running VM is held, its vCPUs
+        out of KVM_RUN, just long enough to read them, then let go; a paused one is read as is."""
+        with self._lock:
+            if self.state != "Running" or self._paused:
+                return [] if self.state != "Paused" else [f"  {describe_vcpu(loop.vcpu)}" for loop in self._loops]
+            self._paused = True
+        try:
+            self._kick_all()
+            deadline = time.monotonic() + wait_s
+            with self._lock:
+                while self._parked < len(self._loops) and self._exit is None and time.monotonic() < deadline:
+                    self._lock.wait(timeout=0.1)
+                if self._parked < len(self._loops):
+                    return [f"  vCPUs: {self._parked} of {len(self._loops)} stopped within {wait_s:g} s for the report"]
+            return [f"  {describe_vcpu(loop.vcpu)}" for loop in self._loops]
+        finally:
+            with self._lock:
+                self._paused = False
+                self._lock.notify_all()
 
     def _teardown(self) -> None:
         stackdump.remove_report(self.state_report)

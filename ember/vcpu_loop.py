@@ -32,6 +32,20 @@ INTERNAL_ERRORS = {
 }
 
 
+MP_STATES = {value: name[len("KVM_MP_STATE_"):].lower()
+             for name, value in vars(k).items() if name.startswith("KVM_MP_STATE_") and isinstance(value, int)}
+RFLAGS_IF = 1 << 9
+
+
+def describe_vcpu(vcpu) -> str:
+    """Where a vCPU (not in KVM_RUN) is: its registers, whether it takes interrupts, its run state."""
+    regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+    mp_state = MP_STATES.get(vcpu.get_mp_state(), "?")
+    return (f"vCPU {vcpu.vcpu_id} at rip {regs.rip:#x}, rsp {regs.rsp:#x}, rflags {regs.rflags:#x} "
+            f"(interrupts {'on' if regs.rflags & RFLAGS_IF else 'off'}), cr0 {sregs.cr0:#x}, cr3 {sregs.cr3:#x}, "
+            f"idt {sregs.idt.base:#x}+{sregs.idt.limit:#x}, mp_state {mp_state}")
+
+
 class VcpuLoop:
     """Runs one vCPU until the guest stops it or the host asks it to."""
 
@@ -100,11 +114,8 @@ class VcpuLoop:
 
     def _shutdown(self) -> ExitInfo:
         """KVM_EXIT_SHUTDOWN: the guest triple-faulted; say which vCPU, and where."""
-        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
-        where = (f"rip {regs.rip:#x}, rsp {regs.rsp:#x}, cr0 {sregs.cr0:#x}, cr3 {sregs.cr3:#x}, "
-                 f"idt {sregs.idt.base:#x}+{sregs.idt.limit:#x}")
         return ExitInfo(ExitReason.TRIPLE_FAULT,
-                        detail=f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on vCPU {self.vcpu.vcpu_id} at {where}")
+                        detail=f"guest triple-faulted (KVM_EXIT_SHUTDOWN) on {describe_vcpu(self.vcpu)}")
 
     def _internal_error(self) -> ExitInfo:
         """KVM could not go on; simultaneous exceptions are the guest's triple fault."""

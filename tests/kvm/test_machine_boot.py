@@ -90,6 +90,29 @@ def test_stop_ends_a_running_guest(tmp_path):
     assert info is not None and info.reason is ExitReason.STOPPED
 
 
+def test_a_hang_report_says_where_each_vcpu_is_and_the_guest_runs_on(tmp_path):
+    """SIGUSR2's report of a stuck VM: each vCPU's registers and run state, read with the
+    vCPUs out of KVM_RUN for a moment; the guest then goes on running."""
+    kernel = tmp_path / "spin.elf"
+    kernel.write_bytes(tk.elf64(b"\xeb\xfe"))  # jmp $: the boot vCPU spins; the other waits for INIT/SIPI
+    vm = MicroVM(cfg.VmConfig(boot_source=cfg.BootSource(kernel_image_path=str(kernel)),
+                              machine_config=cfg.MachineConfig(vcpu_count=2, mem_size_mib=32)), console="none")
+    vm.start()
+    try:
+        assert vm.wait(timeout=0.3) is None
+        for _ in range(2):  # a second report finds the VM running again
+            report = vm.state_report().splitlines()
+            assert report[0].startswith("ember: microVM Running")
+            assert f"vCPU 0 at rip {tk.LOAD_ADDR:#x}," in report[1] and "mp_state runnable" in report[1], report
+            assert "(interrupts off)" in report[1], report
+            assert report[2].startswith("  vCPU 1 at rip") and "mp_state uninitialized" in report[2], report
+            assert vm.state == "Running" and vm.wait(timeout=0.2) is None
+    finally:
+        vm.stop()
+        info = vm.wait(timeout=10)
+    assert info is not None and info.reason is ExitReason.STOPPED
+
+
 def test_a_failing_vcpu_thread_ends_the_vm_with_an_error(tmp_path, monkeypatch):
     from ember import vcpu_loop
 
