@@ -36,7 +36,8 @@ RIG_KEY = "__rig__"
 STALL_GRACE_S = 120  # past a test's own limit, for pytest-timeout to fire and report inside the rig
 HEARTBEAT_STALL_S = 120  # the rig's pytest beats every 5 s; this long without one, the emulated host stopped
 MAX_RIG_BOOTS = 3
-# A guest triple fault no test asked for: seen twice in the rig, never in reruns (TCG's nested SVM).
+# A guest triple fault no test asked for: seen three times in the rig (twice booting, once powering
+# off 2 vCPUs), never in reruns (TCG's nested SVM, as far as we know).
 EMULATOR_FAULT_MARK = "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
@@ -187,6 +188,12 @@ def _emulator_fault(entry: dict[str, Any]) -> bool:
     return entry["outcome"] in ("failed", "error") and EMULATOR_FAULT_MARK in entry.get("longrepr", "")
 
 
+def _fault_line(entry: dict[str, Any], limit: int = 400) -> str:
+    """The line of a failure's text that reports the guest's triple fault (vCPU, registers)."""
+    line = next(line for line in entry["longrepr"].splitlines() if EMULATOR_FAULT_MARK in line)
+    return line.strip()[:limit]
+
+
 def _rig_summary(status: int | None, why_stopped: str, results: dict[str, Any]) -> str:
     """One line on how a rig boot ended, for tests that have no outcome of their own."""
     running = [nodeid for nodeid, entry in results.items() if entry.get("outcome") == RUNNING]
@@ -278,6 +285,8 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 if faulted:
                     why.append(f"{', '.join(faulted)} failed with a guest triple fault no test asked for"
                                " (the emulated CPU's, so far) and runs once more")
+                    for nodeid in faulted:  # where it faulted stays on record when the rerun passes
+                        sys.stdout.write(f"\nember: {nodeid}: {_fault_line(got[nodeid])}")
                 sys.stdout.write(f"\nember: {'; '.join(why)}; a fresh rig boot runs {len(remaining)} test(s)\n")
                 sys.stdout.flush()
         return outcomes

@@ -298,6 +298,7 @@ def test_a_test_whose_guest_triple_faults_runs_once_more_and_says_so(tmp_path, m
     out = capsys.readouterr().out
     assert (f"ember: {IDS[2]} failed with a guest triple fault no test asked for (the emulated CPU's, so far) "
             "and runs once more; a fresh rig boot runs 1 test(s)") in out
+    assert f"ember: {IDS[2]}: ember: guest triple-fault: {tiers.EMULATOR_FAULT_MARK}\n" in out  # the fault's own line
 
 
 def test_a_second_guest_triple_fault_fails_the_test(tmp_path, monkeypatch) -> None:
