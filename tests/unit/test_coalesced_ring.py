@@ -20,7 +20,7 @@ def test_draining_frees_slots_with_whole_stores_of_first(tmp_path):
     fd = os.open(path, os.O_RDWR)
     kvm_side = mmap.mmap(fd, PAGE_SIZE, mmap.MAP_SHARED)  # what KVM sees of the page
     ring = CoalescedMmioRing(fd, 0)
-    anchor = ctypes.c_uint32.from_buffer(kvm_side)  # the header's first u32: ``first``
+    first = ctypes.c_uint32.from_buffer(kvm_side)  # the header: first (next to read), last
     last = ctypes.c_uint32.from_buffer(kvm_side, 4)
     replayed = []
     try:
@@ -29,14 +29,14 @@ def test_draining_frees_slots_with_whole_stores_of_first(tmp_path):
                                  slot.to_bytes(8, "little"))
 
         def kvm_appends_then_user_space_drains():  # first runs 1, 2, ..., 61: never 0
-            anchor.value, last.value = 1, 61
+            first.value, last.value = 1, 61
             replayed.append(ring.drain(lambda addr, data: None))
 
-        moves, zeros = wrong_changes_seen(ctypes.addressof(anchor), kvm_appends_then_user_space_drains,
+        moves, zeros = wrong_changes_seen(ctypes.addressof(first), kvm_appends_then_user_space_drains,
                                           is_wrong=lambda _last, value: value == 0, width=ctypes.c_uint32)
         assert set(replayed) == {60}, "each drain replays what KVM appended"
     finally:
-        anchor = last = None  # let kvm_side close
+        first = last = None  # let kvm_side close
         ring.close()
         kvm_side.close()
         os.close(fd)
