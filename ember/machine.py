@@ -432,10 +432,18 @@ class MicroVM:
             self._paused = True
         self._kick_all()
         with self._lock:
-            while self._parked < len(self._loops) and self._exit is None:
-                self._lock.wait(timeout=1)
+            self._wait_parked()
             if self._exit is None:
                 self.state = "Paused"
+
+    def _wait_parked(self, deadline: float | None = None) -> bool:
+        """With the lock held and _paused set: wait until every vCPU thread has parked (or
+        the VM ended, or ``deadline`` passed); whether all parked."""
+        while self._parked < len(self._loops) and self._exit is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._lock.wait(timeout=1 if deadline is None else 0.1)
+        return self._parked == len(self._loops)
 
     def resume(self) -> None:
         with self._lock:
@@ -521,22 +529,24 @@ class MicroVM:
         """One line per vCPU: its registers and run state. A running VM is held, its vCPUs
         out of KVM_RUN, just long enough to read them, then let go; a paused one is read as is."""
         with self._lock:
+            if self.state == "Paused":
+                return self._vcpu_lines()
             if self.state != "Running" or self._paused:
-                return [] if self.state != "Paused" else [f"  {describe_vcpu(loop.vcpu)}" for loop in self._loops]
+                return []
             self._paused = True
         try:
             self._kick_all()
-            deadline = time.monotonic() + wait_s
             with self._lock:
-                while self._parked < len(self._loops) and self._exit is None and time.monotonic() < deadline:
-                    self._lock.wait(timeout=0.1)
-                if self._parked < len(self._loops):
+                if not self._wait_parked(time.monotonic() + wait_s):
                     return [f"  vCPUs: {self._parked} of {len(self._loops)} stopped within {wait_s:g} s for the report"]
-            return [f"  {describe_vcpu(loop.vcpu)}" for loop in self._loops]
+            return self._vcpu_lines()
         finally:
             with self._lock:
                 self._paused = False
                 self._lock.notify_all()
+
+    def _vcpu_lines(self) -> list[str]:
+        return [f"  {describe_vcpu(loop.vcpu)}" for loop in self._loops]
 
     def _teardown(self) -> None:
         stackdump.remove_report(self.state_report)

@@ -57,5 +57,5 @@ def wrong_changes_seen(address: int, step: Callable[[], None], *,
         for _ in range(200):
             step()
     with os.fdopen(results) as pipe:
-        moves, backwards = map(int, pipe.read().split())
-    return moves, backwards
+        moves, wrong = map(int, pipe.read().split())
+    return moves, wrong

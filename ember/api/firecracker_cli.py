@@ -76,10 +76,15 @@ def version_line() -> str:
     return f"Ember v{__version__} (Firecracker API v{FIRECRACKER_API_VERSION} compatible)"
 
 
+def _reason(info: Any) -> Any:
+    """How the guest ended, as the outcome's string value ("poweroff", "triple-fault", ...)."""
+    reason = getattr(info, "reason", None)
+    return getattr(reason, "value", reason)
+
+
 def exit_status(info: Any) -> int:
     """Firecracker's status for how the guest ended: 0 when it shut down cleanly."""
-    reason = getattr(info, "reason", None)
-    reason = getattr(reason, "value", reason)
+    reason = _reason(info)
     status = getattr(info, "status", None)
     if reason == "poweroff" and status:
         return status & 0xFF
@@ -134,8 +139,7 @@ def _wait_for_vm(ctl: VmmController, stopper: _Stopper) -> int:
     while True:
         info = vm.wait(timeout=_POLL_S)
         if info is not None:
-            reason = getattr(info.reason, "value", info.reason)
-            log.log(logging.INFO if reason in _CLEAN_REASONS else logging.WARNING, "microVM exited: %s",
+            log.log(logging.INFO if _reason(info) in _CLEAN_REASONS else logging.WARNING, "microVM exited: %s",
                     info.describe() if hasattr(info, "describe") else info)
             return exit_status(info)
         if stopper.event.is_set():
