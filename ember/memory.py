@@ -52,16 +52,14 @@ class MemoryRegion:
     file_offset: int | None = None
     start: int = 0
     view: memoryview = field(init=False, repr=False)
+    host_addr: int = field(init=False, repr=False)
+    """Host virtual address of the region's first byte (for KVM and iovecs)."""
     _anchor: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.view = memoryview(self.mmap)[self.start:self.start + self.size]
-        self._anchor = ctypes.c_char.from_buffer(self.mmap, self.start)
-
-    @property
-    def host_addr(self) -> int:
-        """Host virtual address of the region's first byte (for KVM)."""
-        return ctypes.addressof(self._anchor)
+        self._anchor = ctypes.c_char.from_buffer(self.mmap, self.start)  # pins the mapping
+        self.host_addr = ctypes.addressof(self._anchor)
 
     @property
     def end(self) -> int:
@@ -69,7 +67,7 @@ class MemoryRegion:
 
     def holds(self, gpa: int, length: int) -> bool:
         """Whether [gpa, gpa + length) lies inside this region."""
-        return self.gpa <= gpa and gpa + length <= self.end
+        return self.gpa <= gpa and gpa + length <= self.gpa + self.size
 
     @property
     def num_pages(self) -> int:

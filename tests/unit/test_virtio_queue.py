@@ -185,6 +185,47 @@ def test_known_inner_entries_still_map_the_new_header_and_status(memory):
     assert queue.checked_inner is not None
 
 
+@pytest.mark.parametrize("change", ["NEXT on the indirect descriptor", "a longer table", "table outside RAM"])
+def test_a_table_like_the_known_one_but_posted_differently_gets_every_check(memory, change):
+    """Only a lone indirect descriptor naming a table of the known size inside the known
+    region takes the shortcut; anything else is walked, and judged, as a new table."""
+    queue, driver, heap = make_queue(memory, size=16)
+    buffers = [Buffer(0x8000, 16), Buffer(0x9000, 0x1000, write=True), Buffer(0x8800, 1, write=True)]
+    head = driver.add_indirect(buffers, heap)
+    assert queue.pop() is not None and queue.checked_inner is not None
+    raw = _table_of(memory, driver, head)
+    if change == "a longer table":
+        raw = raw[:-16] + DESC_FORMAT.pack(0xA000, 8, _NEXT_WRITE, 3) + raw[-16:]
+        _post_table(memory, driver, heap, raw)
+        chain = queue.pop()
+        assert [len(v) for v in chain.writable] == [0x1000, 8, 1]
+        return
+    table = heap.alloc(len(raw), 16)
+    memory.write(table, raw)
+    head = driver._take_descriptor()
+    if change == "NEXT on the indirect descriptor":
+        write_desc(memory, driver.desc, head, table, len(raw), VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 0)
+    else:
+        write_desc(memory, driver.desc, head, RAM - 16, len(raw), VIRTQ_DESC_F_INDIRECT, 0)
+    driver.publish(head)
+    with pytest.raises(VirtqueueError):
+        queue.pop()
+
+
+def test_a_known_table_is_read_once_the_guest_cannot_change_the_chain_after_pop(memory):
+    queue, driver, heap = make_queue(memory, size=16)
+    buffers = [Buffer(0x8000, 16), Buffer(0x9000, 0x1000, write=True), Buffer(0x8800, 1, write=True)]
+    driver.add_indirect(buffers, heap)
+    queue.pop()
+    head = driver.add_indirect(buffers, heap)
+    chain = queue.pop()
+    assert chain.spans.inner_bytes is not None  # took the shortcut
+    table, length, _, _ = DESC_FORMAT.unpack(memory.read(driver.desc + 16 * head, 16))
+    memory.write(table, bytes(length))  # the guest wipes the table after the device took it
+    assert [len(v) for v in chain.writable] == [0x1000, 1]
+    assert [bytes(v) for v in chain.readable] == [memory.read(0x8000, 16)]
+
+
 def test_changed_inner_entries_are_checked_again(memory):
     queue, driver, heap = make_queue(memory, size=16)
     header, status = Buffer(0x8000, 16), Buffer(0x8800, 1, write=True)

@@ -182,7 +182,7 @@ class BlockDevice(VirtioDevice):
             queue.push_used(chain.head, self._serve(chain))
             pushed = True
         if pushed:
-            self.signal_used(index)
+            self._signal_used(index)
 
     @staticmethod
     def _payload(chain: DescriptorChain) -> int:
@@ -207,48 +207,60 @@ class BlockDevice(VirtioDevice):
 
     def _serve_spans(self, spans: GuestSpans) -> int | None:
         """A read or write laid out as Linux does it, straight from the chain's iovec array;
-        None for anything else (the memoryview path serves it). Every span is inside guest RAM."""
-        count, readable, iov = spans.count, spans.readable, spans.iov
+        None for anything else (the memoryview path serves it). Every span is inside guest RAM.
+        Every request of a sequential stream comes here, so it runs in one frame."""
+        iov = spans.iov
+        count = len(iov) >> 1
         if not 3 <= count <= iovec.IOV_MAX + 2 or iov[1] != REQUEST_HEADER.size or iov[-1] != STATUS_SIZE:
             return None
-        ram = spans.region.view
-        rtype, _, sector = REQUEST_HEADER.unpack_from(ram, spans.offset(0))
-        if rtype == VIRTIO_BLK_T_IN and readable == 1:
-            io = iovec.preadv
-        elif rtype == VIRTIO_BLK_T_OUT and readable == count - 1 and not self.read_only:
-            io = iovec.pwritev
+        region = spans.region
+        ram, host = region.view, region.host_addr
+        rtype, _, sector = REQUEST_HEADER.unpack_from(ram, iov[0] - host)
+        if rtype == VIRTIO_BLK_T_IN and spans.readable == 1:
+            reading = True
+        elif rtype == VIRTIO_BLK_T_OUT and spans.readable == count - 1 and not self.read_only:
+            reading = False
         else:
             return None
-        written, ram[spans.offset(count - 1)] = self._attempt(rtype, sector, lambda: self._span_io(sector, io, spans))
-        return (written if io is iovec.preadv else 0) + STATUS_SIZE
+        length = spans.inner_bytes if spans.inner_bytes is not None else spans.inner_length()
+        try:
+            self._span_io(sector, length, reading, spans)
+            status = VIRTIO_BLK_S_OK
+        except RequestError as exc:
+            status = self._failed(rtype, sector, exc)
+        ram[iov[-2] - host] = status
+        return (length if reading and status == VIRTIO_BLK_S_OK else 0) + STATUS_SIZE
 
     def _attempt(self, rtype: int, sector: int, work: Callable[[], int]) -> tuple[int, int]:
         """(bytes written into the guest, status) of one request's work."""
         try:
             return work(), VIRTIO_BLK_S_OK
         except RequestError as exc:
-            self.execute_fails += 1
-            log.debug("drive %s: request %d at sector %d: %s", self.path, rtype, sector, exc)
-            return 0, exc.status
+            return 0, self._failed(rtype, sector, exc)
 
-    def _span_io(self, sector: int, io, spans: GuestSpans) -> int:
+    def _failed(self, rtype: int, sector: int, exc: RequestError) -> int:
+        """Count and log a request that failed; its status for the guest."""
+        self.execute_fails += 1
+        log.debug("drive %s: request %d at sector %d: %s", self.path, rtype, sector, exc)
+        return exc.status
+
+    def _span_io(self, sector: int, length: int, reading: bool, spans: GuestSpans) -> None:
         """Move a request's data (every buffer between header and status) with one call."""
-        length = spans.inner_length()
         offset = self._check_range(sector, length)
+        iov = spans.iov
         try:
-            done = io(self.fd, spans.iov, offset, 1, spans.count - 2)
+            done = (iovec.preadv if reading else iovec.pwritev)(self.fd, iov, offset, 1, (len(iov) >> 1) - 2)
         except OSError as exc:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"I/O error: {exc.strerror}") from None
         if done != length:  # short: the general path loops over the rest
             _, rest = split_views(spans.views()[1:-1], done)
-            self._io(os.preadv if io is iovec.preadv else os.pwritev, rest, offset + done)
-        if io is iovec.preadv:
+            self._io(os.preadv if reading else os.pwritev, rest, offset + done)
+        if reading:
             self.read_count += 1
             self.read_bytes += length
         else:
             self.write_count += 1
             self.write_bytes += length
-        return length
 
     @staticmethod
     def _split_status(writable: list[memoryview]) -> tuple[list[memoryview], memoryview]:

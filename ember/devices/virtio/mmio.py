@@ -338,10 +338,11 @@ class VirtioMmioTransport:
     def notify(self, index: int) -> None:
         """The driver kicked queue `index` (ioeventfd or a QueueNotify exit)."""
         with self._lock:
-            if not self.state.status & STATUS_DRIVER_OK or self.broken:
-                return
-            if index >= len(self.queues) or not self.queues[index].active:
-                return
+            status = self.state.status
+            if status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED) != STATUS_DRIVER_OK:
+                return  # not live, or broken
+            if index >= len(self.queues) or self.queues[index].desc_table is None:
+                return  # no such queue, or not active
             try:
                 self.device.process_queue(index)
             except (VirtqueueError, GuestMemoryError) as exc:
@@ -385,7 +386,8 @@ class VirtioMmioTransport:
         self.catch_up()
         with self._irq_lock:
             self.state.interrupt_status |= reason
-            self._publish_interrupt_status()
+            if self.mirror is not None:  # _publish_interrupt_status(), inline: once per request
+                self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
         self.irq.trigger()
 
     def _acknowledge(self, value: int) -> None:

@@ -82,7 +82,7 @@ class QueueState(msgspec.Struct):
     signalled_used: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class GuestSpans:
     """A chain's buffers as the kernel's iovec array, all inside one RAM region.
 
@@ -130,14 +130,15 @@ class CheckedInner:
     follow the request's tag, at the two ends of the table and the data pages
     between them; an application that reuses its buffer (dd, a database's
     O_DIRECT pool) repeats the inner entries byte for byte. A table whose inner
-    bytes are these again needs only its two ends checked.
+    bytes are these again needs only its two ends checked (Virtqueue.pop).
     """
 
     entries: bytes  # as the guest wrote them
     region: MemoryRegion  # holds every inner buffer
-    iov: array.array  # their iovecs
-    readable: int  # how many are device-readable (they come first)
-    length: int  # their bytes together
+    iov: array.array  # the whole table's iovecs; a request copies it and fills in its two ends
+    readable: int  # how many inner entries are device-readable (they come first)
+    length: int  # the inner buffers' bytes together
+    table_bytes: int  # the table's size: inner entries plus the two ends
 
 
 class DescriptorChain:
@@ -216,9 +217,32 @@ def _read_then_write(readable: int, writable: int) -> bytes:
     return bytes((VIRTQ_DESC_F_NEXT,)) * readable + bytes((_LINKED_WRITE,)) * writable
 
 
-def _need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """vring_need_event (2.7.10): did new_idx just move past event_idx?"""
-    return ((new_idx - event_idx - 1) & IDX_MASK) < ((new_idx - old_idx) & IDX_MASK)
+def _ends_around(ram: memoryview, start: int, known: CheckedInner) -> GuestSpans | None:
+    """The spans of the indirect table at ``ram[start:]`` whose inner entries are
+    ``known``'s: its first and last entry are read once and checked by the rules
+    _linear_indirect applies to all; None if either fails."""
+    first_addr, first_len, first_flags, first_next = DESC_FORMAT.unpack_from(ram, start)
+    last_addr, last_len, last_flags, _ = DESC_FORMAT.unpack_from(ram, start + known.table_bytes - DESC_SIZE)
+    if first_next != 1 or not first_len or not last_len:
+        return None
+    if first_flags == VIRTQ_DESC_F_NEXT:
+        readable = 1 + known.readable
+    elif first_flags == _LINKED_WRITE and not known.readable:
+        readable = 0  # a writable first entry: every linked one must be writable
+    else:
+        return None
+    count = known.table_bytes // DESC_SIZE
+    if last_flags == 0 and readable == count - 1:
+        readable = count  # a readable last entry: every entry is readable
+    elif last_flags != VIRTQ_DESC_F_WRITE:
+        return None
+    region = known.region
+    if not (region.holds(first_addr, first_len) and region.holds(last_addr, last_len)):
+        return None
+    base = region.host_addr - region.gpa
+    iov = known.iov[:]
+    iov[0], iov[1], iov[-2], iov[-1] = base + first_addr, first_len, base + last_addr, last_len
+    return GuestSpans(region, iov, readable, known.length)
 
 
 class _ChainWalker:
@@ -321,15 +345,10 @@ class _ChainWalker:
         entries come first, none is empty or indirect. Columns are sliced out
         of the table at C speed instead of walking it entry by entry, which a
         1 MiB request (256 page-sized entries) would make the costliest step.
-        A table that repeats the last checked one's inner entries has only its
-        two ends checked (CheckedInner). None means the table is laid out some
-        other (legal) way: walk it.
+        The table's inner entries are remembered (CheckedInner), so a table
+        that repeats them needs only its two ends checked (Virtqueue.pop).
+        None means the table is laid out some other (legal) way: walk it.
         """
-        known = self.queue.checked_inner
-        if known is not None and raw[DESC_SIZE:-DESC_SIZE] == known.entries:
-            spans = self._ends_around(raw, known)
-            if spans is not None:
-                return DescriptorChain(self.chain.head, spans=spans)
         count = len(raw) // DESC_SIZE
         if raw[_FLAGS_HIGH::DESC_SIZE].count(0) != count:
             return None  # a flag outside NEXT and WRITE (INDIRECT is in the low byte)
@@ -350,41 +369,13 @@ class _ChainWalker:
         if spans is not None:  # checked once for all; views are made only if a device asks
             if count > 2:
                 inner_readable = flags.count(VIRTQ_DESC_F_NEXT, 1, count - 1)
-                inner_iov = spans.iov[2:-2]
-                self.queue.checked_inner = CheckedInner(raw[DESC_SIZE:-DESC_SIZE], spans.region, inner_iov,
-                                                        inner_readable, sum(inner_iov[1::2]))
+                self.queue.checked_inner = CheckedInner(raw[DESC_SIZE:-DESC_SIZE], spans.region, spans.iov[:],
+                                                        inner_readable, sum(spans.iov[3:-2:2]), len(raw))
             return DescriptorChain(self.chain.head, spans=spans)
         starts, lengths = memoryview(raw).cast("Q")[0::2], memoryview(raw).cast("I")[2::4]
         views = [self.queue.guest_view(start, length) for start, length in zip(starts, lengths)]
         self.chain.readable, self.chain.writable = views[:readable], views[readable:]
         return self.chain
-
-    def _ends_around(self, raw: bytes, known: CheckedInner) -> GuestSpans | None:
-        """The spans of a table whose inner entries are ``known``'s, checking only its first
-        and last entry by the rules _linear_indirect applies to all; None if either fails."""
-        first_addr, first_len, first_flags, first_next = DESC_FORMAT.unpack_from(raw)
-        last_addr, last_len, last_flags, _ = DESC_FORMAT.unpack_from(raw, len(raw) - DESC_SIZE)
-        count = len(raw) // DESC_SIZE
-        if first_next != 1 or not first_len or not last_len:
-            return None
-        if first_flags == VIRTQ_DESC_F_NEXT:
-            readable = 1 + known.readable
-        elif first_flags == _LINKED_WRITE and not known.readable:
-            readable = 0  # a writable first entry: every linked one must be writable
-        else:
-            return None
-        if last_flags == 0 and readable == count - 1:
-            readable = count  # a readable last entry: every entry is readable
-        elif last_flags != VIRTQ_DESC_F_WRITE:
-            return None
-        region = known.region
-        if not (region.holds(first_addr, first_len) and region.holds(last_addr, last_len)):
-            return None
-        base = region.host_addr - region.gpa
-        iov = array.array("Q", (base + first_addr, first_len))
-        iov += known.iov
-        iov.extend((base + last_addr, last_len))
-        return GuestSpans(region, iov, readable, known.length)
 
     def _spans_in_one_region(self, raw: bytes, readable: int) -> GuestSpans | None:
         """The table as an iovec array if the RAM region of its first buffer holds every
@@ -485,6 +476,7 @@ class Virtqueue:
         self._avail_words = self.avail.cast("H")
         self._used_words = self.used.cast("H")
         self._used_elems = self.used[RING_HEADER_SIZE:RING_HEADER_SIZE + USED_ELEM.size * size].cast("I")
+        self._avail_event_at = self._avail_event_word()
 
     def _check_alignment(self) -> None:
         for name, addr, align in (("descriptor table", self.state.desc_addr, DESC_ALIGN),
@@ -516,12 +508,6 @@ class Virtqueue:
     def _avail_idx(self) -> int:
         return self._avail_words[AVAIL_IDX]
 
-    def _pending(self) -> int:
-        pending = (self._avail_idx() - self.state.next_avail) & IDX_MASK
-        if pending > self.size:
-            raise VirtqueueError(f"available index moved {pending} entries ahead of a {self.size}-entry queue")
-        return pending
-
     def _set_avail_event(self) -> None:
         self._used_words[self._avail_event_word()] = self.state.next_avail
 
@@ -534,21 +520,59 @@ class Virtqueue:
         return self._avail_words[AVAIL_RING + self.size]
 
     def pop(self) -> DescriptorChain | None:
-        """The next available descriptor chain, or None when the ring is empty."""
-        if not self.active:
+        """The next available descriptor chain, or None when the ring is empty.
+
+        Every request pays for this, so it reads the ring through locals; a
+        chain that is one indirect table repeating the last checked table's
+        inner entries (CheckedInner) is mapped without walking it.
+        """
+        avail = self._avail_words
+        if avail is None:
             return None
-        if not self._pending():
+        state = self.state
+        next_avail, size = state.next_avail, state.size
+        pending = (avail[AVAIL_IDX] - next_avail) & IDX_MASK
+        if not pending:
             if not self.event_idx:
                 return None
-            self._set_avail_event()  # ask for a kick on the next buffer, then re-check
-            memory_barrier()
-            if not self._pending():
+            self._used_words[self._avail_event_at] = next_avail  # ask for a kick on the next buffer,
+            memory_barrier()  # then look again
+            pending = (avail[AVAIL_IDX] - next_avail) & IDX_MASK
+            if not pending:
                 return None
-        head = self._avail_words[AVAIL_RING + self.state.next_avail % self.size]
-        self.state.next_avail = (self.state.next_avail + 1) & IDX_MASK
-        if head >= self.size:
-            raise VirtqueueError(f"available ring names descriptor {head} of {self.size}")
+        if pending > size:
+            raise VirtqueueError(f"available index moved {pending} entries ahead of a {size}-entry queue")
+        head = avail[AVAIL_RING + (next_avail & (size - 1))]
+        state.next_avail = (next_avail + 1) & IDX_MASK
+        if head >= size:
+            raise VirtqueueError(f"available ring names descriptor {head} of {size}")
+        known = self.checked_inner
+        if known is not None and self.indirect_enabled:
+            spans = self._known_indirect(head, known)
+            if spans is not None:
+                return DescriptorChain(head, spans)
         return _ChainWalker(self, head).walk()
+
+    def _known_indirect(self, head: int, known: CheckedInner) -> GuestSpans | None:
+        """The spans of chain ``head`` if it is one indirect table of ``known``'s size, in
+        its region, repeating its inner entries; None sends the chain to the walker.
+
+        The guest's table is read in place, not copied: each part is read once
+        (the inner bytes, compared whole, and each end) and only what was read
+        and checked is used, so a guest rewriting the table meanwhile gets a
+        chain it could have written.
+        """
+        addr, length, flags, _ = DESC_FORMAT.unpack_from(self.desc_table, head * DESC_SIZE)
+        if flags != VIRTQ_DESC_F_INDIRECT or length != known.table_bytes:
+            return None
+        region = known.region
+        start = addr - region.gpa
+        if start < 0 or start + length > region.size:
+            return None
+        ram = region.view
+        if ram[start + DESC_SIZE:start + length - DESC_SIZE].tobytes() != known.entries:
+            return None
+        return _ends_around(ram, start, known)
 
     # -- used ring ------------------------------------------------------
     def undo_pop(self, count: int) -> None:
@@ -557,7 +581,16 @@ class Virtqueue:
 
     def push_used(self, head: int, written: int) -> None:
         """Return chain `head` to the driver with `written` bytes filled in."""
-        self.push_used_many(((head, written),))
+        elems = self._used_elems
+        if elems is None:
+            return
+        state = self.state
+        index = state.next_used
+        word = USED_ELEM_WORDS * (index & (state.size - 1))
+        elems[word] = head
+        elems[word + 1] = written
+        state.next_used = index = (index + 1) & IDX_MASK
+        self._publish_used_idx(index)
 
     def push_used_many(self, elements: Iterable[tuple[int, int]]) -> None:
         """Return several chains (head, bytes written) at once: every used element is in
@@ -581,14 +614,17 @@ class Virtqueue:
 
     def needs_notification(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
-        if not self.active:
+        avail = self._avail_words
+        if avail is None:
             return False
-        new, old = self.state.next_used, self.state.signalled_used
-        self.state.signalled_used = new
+        state = self.state
+        new, old = state.next_used, state.signalled_used
+        state.signalled_used = new
         if new == old:
             return False
-        memory_barrier()
-        if self.event_idx:
-            return _need_event(self._used_event(), new, old)
-        flags = self._avail_words[AVAIL_FLAGS]
-        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+        with _BARRIER_LOCK:  # memory_barrier(), inline: this runs once per request
+            pass
+        if self.event_idx:  # vring_need_event (2.7.10): did new move past used_event?
+            used_event = avail[AVAIL_RING + state.size]
+            return ((new - used_event - 1) & IDX_MASK) < ((new - old) & IDX_MASK)
+        return not avail[AVAIL_FLAGS] & VIRTQ_AVAIL_F_NO_INTERRUPT
