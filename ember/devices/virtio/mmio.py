@@ -394,7 +394,8 @@ class VirtioMmioTransport:
         """InterruptACK: the driver has handled these InterruptStatus bits."""
         with self._irq_lock:
             self.state.interrupt_status &= ~value
-            self._publish_interrupt_status()
+            if self.mirror is not None:  # _publish_interrupt_status(), inline: once per request
+                self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
 
     def _fail(self, exc: Exception) -> None:
         if self.state.status & STATUS_DEVICE_NEEDS_RESET:

@@ -237,9 +237,10 @@ def _ends_around(ram: memoryview, start: int, known: CheckedInner) -> GuestSpans
     elif last_flags != VIRTQ_DESC_F_WRITE:
         return None
     region = known.region
-    if not (region.holds(first_addr, first_len) and region.holds(last_addr, last_len)):
+    gpa, end = region.gpa, region.gpa + region.size  # region.holds() for both, inline
+    if not (gpa <= first_addr and first_addr + first_len <= end and gpa <= last_addr and last_addr + last_len <= end):
         return None
-    base = region.host_addr - region.gpa
+    base = region.host_addr - gpa
     iov = known.iov[:]
     iov[0], iov[1], iov[-2], iov[-1] = base + first_addr, first_len, base + last_addr, last_len
     return GuestSpans(region, iov, readable, known.length)
