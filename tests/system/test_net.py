@@ -144,16 +144,25 @@ STREAM_MIB = 24
 VIRTIO_TROUBLE = re.compile(r"not a head|id \d+ out of range|[Bb]roken|virtio.*([Ee]rror|fail)|BUG:|needs reset")
 
 
+# If the streams stall, the guest says what it sees while Ember's own report (on the timeout)
+# gives the device side: is the guest alive, did its virtio interrupts stop, is TCP retransmitting.
+STALL_REPORT = ("(sleep 150; echo GUEST-STALL; grep -E 'virtio|LOC' /proc/interrupts; "
+                "cat /sys/class/net/eth0/statistics/rx_packets /sys/class/net/eth0/statistics/tx_packets; "
+                "grep -A1 '^Tcp:' /proc/net/snmp; dmesg | tail -5)")
+
+
 def test_sustained_tcp_streams_wrap_the_rings_cleanly(tmp_path):
     """Tens of MiB each way: both queues' indices wrap many times; data intact, no driver
     complaint, and no received frame whose buffers the driver saw only part of."""
     piece = os.urandom(BLOB_BYTES)
     (tmp_path / "big").write_bytes(piece * STREAM_MIB)
     script = guest_net_up() + (
+        f"{STALL_REPORT} & W=$!; "
         f"wget -q -O - http://{HOST_IP}:{HTTP_PORT}/big | sha256sum | cut -d' ' -f1 | sed 's/^/down-sha=/'; "
         "head -c 1048576 /dev/urandom > /tmp/piece; "
         f"echo up-answer=$(i=0; while [ $i -lt {STREAM_MIB} ]; do cat /tmp/piece; i=$((i+1)); done"
         f" | nc {HOST_IP} {SINK_PORT} | tr ' ' :); "
+        "kill $W; "
         f"echo up-sha=$(i=0; while [ $i -lt {STREAM_MIB} ]; do cat /tmp/piece; i=$((i+1)); done"
         " | sha256sum | cut -d' ' -f1); "
         "echo rx-length-errors=$(cat /sys/class/net/eth0/statistics/rx_length_errors); "

@@ -386,16 +386,14 @@ class VirtioMmioTransport:
         self.catch_up()
         with self._irq_lock:
             self.state.interrupt_status |= reason
-            if self.mirror is not None:  # _publish_interrupt_status(), inline: once per request
-                self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
+            self._publish_interrupt_status()
         self.irq.trigger()
 
     def _acknowledge(self, value: int) -> None:
         """InterruptACK: the driver has handled these InterruptStatus bits."""
         with self._irq_lock:
             self.state.interrupt_status &= ~value
-            if self.mirror is not None:  # _publish_interrupt_status(), inline: once per request
-                self.mirror.set_word(REG_INTERRUPT_STATUS, self.state.interrupt_status)
+            self._publish_interrupt_status()
 
     def _fail(self, exc: Exception) -> None:
         if self.state.status & STATUS_DEVICE_NEEDS_RESET:
