@@ -182,7 +182,7 @@ class BlockDevice(VirtioDevice):
             queue.push_used(chain.head, self._serve(chain))
             pushed = True
         if pushed:
-            self._signal_used(index)
+            self.signal_used(index)
 
     @staticmethod
     def _payload(chain: DescriptorChain) -> int:
@@ -222,7 +222,7 @@ class BlockDevice(VirtioDevice):
             reading = False
         else:
             return None
-        length = spans.inner_bytes if spans.inner_bytes is not None else spans.inner_length()
+        length = spans.inner_length()
         try:
             self._span_io(sector, length, reading, spans)
             status = VIRTIO_BLK_S_OK

@@ -60,7 +60,7 @@ def from_descriptors(table: bytes, gpa: int, size: int, host: int) -> array | No
     return iov
 
 
-def _call(function, fd: int, iov: array, offset: int, first: int = 0, count: int | None = None) -> int:
+def _call(function, fd: int, iov: array, offset: int, first: int, count: int | None) -> int:
     address, words = iov.buffer_info()
     available = words // 2 - first
     count = available if count is None else count
@@ -73,10 +73,13 @@ def _call(function, fd: int, iov: array, offset: int, first: int = 0, count: int
     return done
 
 
-preadv = functools.partial(_call, _libc.preadv)
-preadv.__doc__ = """preadv(fd, iov, offset, first=0, count=None): bytes read into the buffers of
-iovecs first..first+count-1 (all from ``first`` by default); OSError on failure."""
+def preadv(fd: int, iov: array, offset: int, first: int = 0, count: int | None = None) -> int:
+    """Bytes read into the buffers of iovecs first..first+count-1 (all from ``first``
+    by default); OSError on failure."""
+    return _call(_libc.preadv, fd, iov, offset, first, count)
 
-pwritev = functools.partial(_call, _libc.pwritev)
-pwritev.__doc__ = """pwritev(fd, iov, offset, first=0, count=None): bytes written from the buffers of
-iovecs first..first+count-1 (all from ``first`` by default); OSError on failure."""
+
+def pwritev(fd: int, iov: array, offset: int, first: int = 0, count: int | None = None) -> int:
+    """Bytes written from the buffers of iovecs first..first+count-1 (all from ``first``
+    by default); OSError on failure."""
+    return _call(_libc.pwritev, fd, iov, offset, first, count)

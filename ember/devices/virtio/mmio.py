@@ -338,11 +338,10 @@ class VirtioMmioTransport:
     def notify(self, index: int) -> None:
         """The driver kicked queue `index` (ioeventfd or a QueueNotify exit)."""
         with self._lock:
-            status = self.state.status
-            if status & (STATUS_DRIVER_OK | STATUS_DEVICE_NEEDS_RESET | STATUS_FAILED) != STATUS_DRIVER_OK:
-                return  # not live, or broken
-            if index >= len(self.queues) or self.queues[index].desc_table is None:
-                return  # no such queue, or not active
+            if not self.state.status & STATUS_DRIVER_OK or self.broken:
+                return
+            if index >= len(self.queues) or not self.queues[index].active:
+                return
             try:
                 self.device.process_queue(index)
             except (VirtqueueError, GuestMemoryError) as exc:

@@ -237,10 +237,9 @@ def _ends_around(ram: memoryview, start: int, known: CheckedInner) -> GuestSpans
     elif last_flags != VIRTQ_DESC_F_WRITE:
         return None
     region = known.region
-    gpa, end = region.gpa, region.gpa + region.size  # region.holds() for both, inline
-    if not (gpa <= first_addr and first_addr + first_len <= end and gpa <= last_addr and last_addr + last_len <= end):
+    if not (region.holds(first_addr, first_len) and region.holds(last_addr, last_len)):
         return None
-    base = region.host_addr - gpa
+    base = region.host_addr - region.gpa
     iov = known.iov[:]
     iov[0], iov[1], iov[-2], iov[-1] = base + first_addr, first_len, base + last_addr, last_len
     return GuestSpans(region, iov, readable, known.length)
@@ -451,7 +450,7 @@ class Virtqueue:
                 f"used idx {self._used_words[USED_IDX]} (device at {s.next_used}, "
                 f"last signalled at {s.signalled_used})")
         if self.event_idx:
-            avail_event = self._used_words[self._avail_event_word()]
+            avail_event = self._used_words[self._avail_event_at]
             text += f", used_event {self._used_event()}, avail_event {avail_event}"
         else:
             text += f", avail flags {self._avail_words[AVAIL_FLAGS]:#x}"
@@ -509,9 +508,6 @@ class Virtqueue:
     def _avail_idx(self) -> int:
         return self._avail_words[AVAIL_IDX]
 
-    def _set_avail_event(self) -> None:
-        self._used_words[self._avail_event_word()] = self.state.next_avail
-
     def _avail_event_word(self) -> int:
         """Where avail_event sits: after the used ring's elements (2.7.8)."""
         return (RING_HEADER_SIZE + USED_ELEM.size * self.size) // 2
@@ -567,10 +563,9 @@ class Virtqueue:
         if flags != VIRTQ_DESC_F_INDIRECT or length != known.table_bytes:
             return None
         region = known.region
-        start = addr - region.gpa
-        if start < 0 or start + length > region.size:
+        if not region.holds(addr, length):
             return None
-        ram = region.view
+        start, ram = addr - region.gpa, region.view
         if ram[start + DESC_SIZE:start + length - DESC_SIZE].tobytes() != known.entries:
             return None
         return _ends_around(ram, start, known)
@@ -623,8 +618,7 @@ class Virtqueue:
         state.signalled_used = new
         if new == old:
             return False
-        with _BARRIER_LOCK:  # memory_barrier(), inline: this runs once per request
-            pass
+        memory_barrier()
         if self.event_idx:  # vring_need_event (2.7.10): did new move past used_event?
             used_event = avail[AVAIL_RING + state.size]
             return ((new - used_event - 1) & IDX_MASK) < ((new - old) & IDX_MASK)
