@@ -521,6 +521,7 @@ class MicroVM:
         lines += self._vcpu_report()
         if self.coalesced is not None:
             lines.append(f"  coalesced ring: {'writes waiting' if self.coalesced.pending() else 'empty'}")
+        lines.append(f"  serial0: {self.serial.describe()}")
         for name, transport in self.virtio_devices.items():
             lines.append(f"  {name}: " + transport.describe().replace("\n", "\n  "))
         return "\n".join(lines)

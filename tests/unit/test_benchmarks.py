@@ -215,6 +215,25 @@ def test_block_runs_must_copy_every_mib_both_ways():
         check_dd("QEMU", _FakeConsole(["dd: can't open '/dev/vda': Invalid argument"] * 2), 64)
 
 
+def test_block_throughput_is_timed_by_the_guests_own_stamps():
+    from benchmarks.console import BenchError
+    from benchmarks.vmbench import GUEST_STAMP, block_command, guest_rates
+
+    command = block_command(64)
+    tags = [f"{GUEST_STAMP} {tag} >/dev/kmsg" for tag in ("w0", "w1", "r0", "r1")]
+    positions = [command.index(tag) for tag in tags]
+    assert positions == sorted(positions)
+    assert positions[0] < command.index("oflag=direct") < positions[1] < positions[2] < command.index(
+        "iflag=direct") < positions[3]
+    lines = ["BLK-W0", f"[    2.500000] {GUEST_STAMP} w0", f"[    3.000000] {GUEST_STAMP} w1",
+             f"[   10.000000] {GUEST_STAMP} r0", f"[   10.250000] {GUEST_STAMP} r1", "EMBER-BENCH-DONE"]
+    assert guest_rates("Ember", lines, 64) == pytest.approx((128.0, 256.0))
+    with pytest.raises(BenchError, match="stamps are missing"):
+        guest_rates("Ember", lines[:3], 64)
+    with pytest.raises(BenchError, match="do not advance"):
+        guest_rates("QEMU", [*lines[:2], f"[    2.500000] {GUEST_STAMP} w1", *lines[3:]], 64)
+
+
 def test_qemu_names_its_virtio_devices_on_the_command_line():
     qemu = vmm.qemu_argv(vmm.Launch(vmm.Guest("/k", "/i"), "true"))
     assert qemu[qemu.index("-M") + 1] == "microvm,acpi=off"  # the guest kernel has no ACPI

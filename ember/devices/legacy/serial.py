@@ -103,6 +103,7 @@ class Serial:
         self.tx_bytes = 0
         self.rx_bytes = 0
         self.output_errors = 0
+        self.edges = 0
 
     # Bus side (vCPU threads).
 
@@ -133,6 +134,16 @@ class Serial:
     def metrics(self) -> dict[str, int]:
         """Counters: bytes transmitted by and delivered to the guest."""
         return {"tx_bytes": self.tx_bytes, "rx_bytes": self.rx_bytes, "output_errors": self.output_errors}
+
+    def describe(self) -> str:
+        """Registers and interrupt state in one line, for a stuck VM's report."""
+        with self._lock:
+            s = self._s
+            ident = self._interrupt_id()
+            return (f"ier {s.ier:#x} lcr {s.lcr:#x} mcr {s.mcr:#x} fcr {s.fcr:#x}, "
+                    f"pending {'none' if ident is None else hex(ident)}, thre {int(s.thr_interrupt)}, "
+                    f"line {'high' if self._irq_pending else 'low'}, tx {self.tx_bytes} B, rx {self.rx_bytes} B, "
+                    f"input waiting {len(self._rx)} B, edges sent {self.edges}")
 
     @property
     def state(self) -> SerialState:
@@ -220,7 +231,9 @@ class Serial:
             else:
                 s.lsr_errors |= LSR_OE
             return None, False
-        return value, bool(s.ier & IER_ETBEI)
+        # THRE was already set or is set now: the output goes high if it was low (an edge then),
+        # and stays high otherwise, as a 16550's INTR does; Linux's ISR reads IIR until it is clear.
+        return value, False
 
     def _write_ier(self, value: int) -> None:
         s = self._s
@@ -301,6 +314,7 @@ class Serial:
 
     def _fire(self, fire: bool) -> None:
         if fire:
+            self.edges += 1
             self._irq.trigger()
 
     # Helpers.
