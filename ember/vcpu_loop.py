@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Callable
 
+from ember.host_modules import HOST_MODULE_MARK, host_module_at
 from ember.kvm import structs as k
 from ember.outcome import ExitInfo, ExitReason
 
@@ -41,9 +42,14 @@ def describe_vcpu(vcpu) -> str:
     """Where a vCPU (not in KVM_RUN) is: its registers, whether it takes interrupts, its run state."""
     regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
     mp_state = MP_STATES.get(vcpu.get_mp_state(), "?")
-    return (f"vCPU {vcpu.vcpu_id} at rip {regs.rip:#x}, rsp {regs.rsp:#x}, rflags {regs.rflags:#x} "
+    line = (f"vCPU {vcpu.vcpu_id} at rip {regs.rip:#x}, rsp {regs.rsp:#x}, rflags {regs.rflags:#x} "
             f"(interrupts {'on' if regs.rflags & RFLAGS_IF else 'off'}), cr0 {sregs.cr0:#x}, cr3 {sregs.cr3:#x}, "
             f"idt {sregs.idt.base:#x}+{sregs.idt.limit:#x}, mp_state {mp_state}")
+    module = host_module_at(regs.rip)
+    if module is not None:
+        line += (f"; that rip {HOST_MODULE_MARK} {module} (a guest kernel without modules cannot be there: "
+                 "the host's own state in the guest's registers, an emulator or host-kernel fault)")
+    return line
 
 
 class VcpuLoop:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from ember.errors import EmberError
+from ember.host_modules import HOST_MODULE_MARK
 from ember.rig.pytest_export import RUNNING, heartbeat_path
 from ember.rig.qemu import TIMEOUT_STATUS
 
@@ -39,6 +40,10 @@ MAX_RIG_BOOTS = 3
 # A guest triple fault no test asked for: seen three times in the rig (twice booting, once powering
 # off 2 vCPUs), never in reruns (TCG's nested SVM, as far as we know).
 EMULATOR_FAULT_MARK = "guest triple-faulted (KVM_EXIT_SHUTDOWN)"
+# A hung guest whose vCPU's rip lies in the rig kernel's kvm_amd (ember.host_modules): the emulated
+# AMD-V put the host's VMRUN path into the guest's registers. Seen under Ember and QEMU alike, in about
+# one run in ten of a console-heavy guest.
+EMULATOR_FAULT_MARKS = (EMULATOR_FAULT_MARK, HOST_MODULE_MARK)
 RESULTS_NAME = "rig-results.json"
 RIG_DECIDES = ("skip", "skipif", "xfail")
 _RESULTS_KEY = pytest.StashKey[dict[str, Any]]()
@@ -184,13 +189,15 @@ def rig_pytest_argv(nodeids: list[str], results: Path, test_timeout: int = DEFAU
 
 
 def _emulator_fault(entry: dict[str, Any]) -> bool:
-    """A failure whose guest triple-faulted: reported as such, and rerun once in a fresh boot."""
-    return entry["outcome"] in ("failed", "error") and EMULATOR_FAULT_MARK in entry.get("longrepr", "")
+    """A failure whose guest the emulator broke (a triple fault, or the host's rip in the guest's
+    registers): reported as such, and rerun once in a fresh boot."""
+    text = entry.get("longrepr", "")
+    return entry["outcome"] in ("failed", "error") and any(mark in text for mark in EMULATOR_FAULT_MARKS)
 
 
 def _fault_line(entry: dict[str, Any], limit: int = 400) -> str:
-    """The line of a failure's text that reports the guest's triple fault (vCPU, registers)."""
-    line = next(line for line in entry["longrepr"].splitlines() if EMULATOR_FAULT_MARK in line)
+    """The line of a failure's text that reports the emulator's fault (vCPU, registers)."""
+    line = next(line for line in entry["longrepr"].splitlines() if any(mark in line for mark in EMULATOR_FAULT_MARKS))
     return line.strip()[:limit]
 
 
@@ -243,8 +250,9 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
     page-fault path).
     The test such a boot was in runs once more: a test that hangs by itself is failed by
     its own limit inside the rig, so a boot that stops progressing is the emulator's.
-    So does a test that failed because its guest triple-faulted (EMULATOR_FAULT_MARK),
-    once, with a line in the output that says so; a second fault fails it."""
+    So does a test that failed because the emulator broke its guest (EMULATOR_FAULT_MARKS:
+    a triple fault, or a hung vCPU whose rip is the host's), once, with a line in the output
+    that says so; a second fault fails it."""
     out_dir = Path(tempfile.mkdtemp(prefix="ember-rig-pytest-"))
     capman = config.pluginmanager.getplugin("capturemanager")
     deadline = time.monotonic() + float(os.environ.get(RIG_TIMEOUT_ENV, DEFAULT_RIG_TIMEOUT))
@@ -283,8 +291,8 @@ def _run_in_rig(config: pytest.Config, nodeids: list[str]) -> dict[str, Any]:
                 if wedged:
                     why.append(f"{', '.join(wedged)} runs again")
                 if faulted:
-                    why.append(f"{', '.join(faulted)} failed with a guest triple fault no test asked for"
-                               " (the emulated CPU's, so far) and runs once more")
+                    why.append(f"{', '.join(faulted)} failed with a guest the emulated CPU broke (a triple"
+                               " fault no test asked for, or the host's rip in a vCPU) and runs once more")
                     for nodeid in faulted:  # where it faulted stays on record when the rerun passes
                         sys.stdout.write(f"\nember: {nodeid}: {_fault_line(got[nodeid])}")
                 sys.stdout.write(f"\nember: {'; '.join(why)}; a fresh rig boot runs {len(remaining)} test(s)\n")

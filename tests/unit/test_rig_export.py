@@ -263,10 +263,16 @@ def test_a_test_under_which_the_rig_stops_twice_fails_and_the_rest_still_run(tmp
     assert f"while {IDS[1]} was running" in got[IDS[1]]["longrepr"]  # reported as not finished
 
 
-def _faulting_rig(faults_in: str, times: int):
+HOST_RIP_HANG = ("ember: microVM Running; exits 306\n  vCPU 0 at rip 0xffffffffc058120c, mp_state runnable; "
+                 "that rip points into the host kernel's module kvm_amd (a guest kernel without modules ...)")
+
+
+def _faulting_rig(faults_in: str, times: int, fault: str = ""):
     """A stand-in for ember.rig.run whose boots all end normally; ``faults_in`` fails the first
-    ``times`` times the way a guest triple fault the test did not ask for fails it."""
+    ``times`` times the way a guest triple fault the test did not ask for fails it (or with ``fault``)."""
     import ember.rig.pytest_tiers as tiers
+
+    fault = fault or f"[call] assert 65 == 0\nember: guest triple-fault: {tiers.EMULATOR_FAULT_MARK}"
 
     boots: list[list[str]] = []
 
@@ -278,8 +284,7 @@ def _faulting_rig(faults_in: str, times: int):
         for nodeid in nodeids:
             faulted = nodeid.endswith(faults_in) and sum(nodeid in b for b in boots) <= times
             got[nodeid] = {"outcome": "failed" if faulted else "passed", "reason": "", "duration": 1.0,
-                           "longrepr": f"[call] assert 65 == 0\nember: guest triple-fault: {tiers.EMULATOR_FAULT_MARK}"
-                           if faulted else ""}
+                           "longrepr": fault if faulted else ""}
         results.write_text(json.dumps(got))
         return 1 if any(e["outcome"] == "failed" for e in got.values()) else 0
 
@@ -296,9 +301,21 @@ def test_a_test_whose_guest_triple_faults_runs_once_more_and_says_so(tmp_path, m
     assert boots == [IDS, [IDS[2]]]
     assert {n: got[n]["outcome"] for n in IDS} == dict.fromkeys(IDS, "passed")
     out = capsys.readouterr().out
-    assert (f"ember: {IDS[2]} failed with a guest triple fault no test asked for (the emulated CPU's, so far) "
-            "and runs once more; a fresh rig boot runs 1 test(s)") in out
+    assert (f"ember: {IDS[2]} failed with a guest the emulated CPU broke (a triple fault no test asked for, "
+            "or the host's rip in a vCPU) and runs once more; a fresh rig boot runs 1 test(s)") in out
     assert f"ember: {IDS[2]}: ember: guest triple-fault: {tiers.EMULATOR_FAULT_MARK}\n" in out  # the fault's own line
+
+
+def test_a_hung_guest_running_at_the_hosts_rip_runs_once_more(tmp_path, monkeypatch, capsys) -> None:
+    import ember.rig
+    import ember.rig.pytest_tiers as tiers
+
+    fake_run, boots = _faulting_rig("test_c", times=1, fault=f"AssertionError: ... did not end\n{HOST_RIP_HANG}")
+    monkeypatch.setattr(ember.rig, "run", fake_run)
+    got = tiers._run_in_rig(_Config(tmp_path), IDS)
+    assert boots == [IDS, [IDS[2]]]
+    assert got[IDS[2]]["outcome"] == "passed"
+    assert f"ember: {IDS[2]}: vCPU 0 at rip 0xffffffffc058120c" in capsys.readouterr().out
 
 
 def test_a_second_guest_triple_fault_fails_the_test(tmp_path, monkeypatch) -> None:
