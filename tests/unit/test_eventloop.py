@@ -81,3 +81,64 @@ def test_call_later_runs_timers_in_due_order_from_any_thread():
         assert order == ["soon", "early", "late"]
     finally:
         loop.close()
+
+
+def test_a_reader_removed_by_an_earlier_callback_of_the_same_turn_is_not_called():
+    """Two fds ready in one epoll turn: the first one's callback removes the second's reader
+    and closes it (as a device teardown does), and the stale callback never runs."""
+    loop = EventLoop()
+    first, second = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    calls = []
+    done = threading.Event()
+
+    def on_first():
+        os.eventfd_read(first)
+        calls.append("first")
+        if "second" not in calls:
+            loop.remove_reader(second)
+        loop.call_soon_threadsafe(done.set)
+
+    def on_second():
+        os.eventfd_read(second)
+        calls.append("second")
+        loop.remove_reader(first)
+        loop.call_soon_threadsafe(done.set)
+
+    try:
+        loop.add_reader(first, on_first)
+        loop.add_reader(second, on_second)
+        os.eventfd_write(first, 1)
+        os.eventfd_write(second, 1)
+        loop.start()  # both are ready before the loop's first turn
+        assert done.wait(5)
+        assert calls in (["first"], ["second"])  # whichever ran first removed the other
+    finally:
+        loop.close()
+        os.close(first)
+        os.close(second)
+
+
+def test_a_hang_up_wakes_the_reader_and_removing_a_closed_fd_is_harmless():
+    loop = EventLoop()
+    loop.start()
+    a, b = socket.socketpair()
+    woke = threading.Event()
+
+    def on_read():
+        assert a.recv(10) == b""  # end of stream
+        loop.remove_reader(a.fileno())
+        woke.set()
+
+    try:
+        loop.add_reader(a.fileno(), on_read)
+        b.close()
+        assert woke.wait(5)
+        c, d = socket.socketpair()
+        loop.add_reader(c.fileno(), lambda: None)
+        fd = c.fileno()
+        c.close()
+        d.close()
+        loop.remove_reader(fd)  # epoll dropped it with the close; removing it must not raise
+    finally:
+        loop.close()
+        a.close()
