@@ -159,11 +159,19 @@ def measure_block(results: Results, guest: Guest, s: Settings, where: str, steps
                 try:
                     w, r = block_once(vmm, guest, s, image)
                 except BenchError as err:  # one stuck run (seen in the rig) costs that run, not the series
-                    steps.step(f"block {vmm} run {index + 1} failed, going on: {str(err).splitlines()[0]}")
+                    _run_failed((write, read), steps, f"block {vmm} run {index + 1}", err)
                     continue
                 _append(write, vmm, w)
                 _append(read, vmm, r)
                 steps.step(f"block {vmm} run {index + 1}: write {w:.1f} MiB/s, read {r:.1f} MiB/s")
+
+
+def _run_failed(measures: tuple[Measure, ...], steps: Steps, label: str, err: BenchError) -> None:
+    """One run of a series failed: the series goes on, and its row in the report says so."""
+    first_line = str(err).splitlines()[0]
+    for measure in measures:
+        measure.missing = f"failed ({label}: {first_line})"
+    steps.step(f"{label} failed, going on: {first_line}")
 
 
 def _scratch_dir() -> str | None:
@@ -185,7 +193,11 @@ def measure_net(results: Results, guest: Guest, s: Settings, where: str, steps: 
     with netbench.TapNetwork() as tap:
         for index in range(s.runs):
             for vmm in run_order(index):
-                rate = netbench.tcp_once(vmm, guest, s, tap)
+                try:
+                    rate = netbench.tcp_once(vmm, guest, s, tap)
+                except BenchError as err:  # one stuck or faulted run costs that run, not the series
+                    _run_failed((net,), steps, f"TCP {vmm} run {index + 1}", err)
+                    continue
                 _append(net, vmm, rate)
                 steps.step(f"TCP {vmm} run {index + 1}: {rate:.1f} MiB/s")
 

@@ -234,6 +234,37 @@ def test_block_throughput_is_timed_by_the_guests_own_stamps():
         guest_rates("QEMU", [*lines[:2], f"[    2.500000] {GUEST_STAMP} w1", *lines[3:]], 64)
 
 
+def test_a_failed_tcp_run_costs_that_run_and_the_report_says_so(monkeypatch):
+    from benchmarks import netbench, vmbench
+    from benchmarks.console import BenchError
+    from benchmarks.progress import Steps
+
+    calls = []
+
+    def tcp_once(vmm_name, guest, s, tap):
+        calls.append(vmm_name)
+        if len(calls) == 2:
+            raise BenchError("Ember: waited for 'EMBER-BENCH-DONE' but the VMM exited\nconsole tail")
+        return 5.0
+
+    class _Tap:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(netbench, "unavailable", lambda: None)
+    monkeypatch.setattr(netbench, "TapNetwork", _Tap)
+    monkeypatch.setattr(netbench, "tcp_once", tcp_once)
+    results = Results()
+    vmbench.measure_net(results, None, settings.Settings(runs=2), "rig", Steps(4, "test"))
+    (net,) = results.measures
+    assert len(calls) == 4 and len(net.ember) + len(net.reference) == 3
+    assert net.missing.startswith("failed (TCP ") and "the VMM exited" in net.missing
+    assert "a run failed (TCP " in report.row(net)
+
+
 def test_qemu_names_its_virtio_devices_on_the_command_line():
     qemu = vmm.qemu_argv(vmm.Launch(vmm.Guest("/k", "/i"), "true"))
     assert qemu[qemu.index("-M") + 1] == "microvm,acpi=off"  # the guest kernel has no ACPI
