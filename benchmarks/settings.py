@@ -14,7 +14,7 @@ class Settings:
     runs: int = 5
     mem_mib: int = 256
     vcpus: int = 1
-    disk_mib: int = 64
+    disk_mib: int = 256  # long enough that the dd start-up and the rig's second-to-second pace average out
     net_mib: int = 16
     exits: int = 20_000
     startup_runs: int = 10
