@@ -38,6 +38,11 @@ TIMEOUT_STATUS = 124
 READ_CHUNK = 65536
 CONSOLE_TAIL_LINES = 20
 WATCH_POLL_S = 2.0
+BOOT_LIMIT_S = 180.0
+"""The rig reaches its command in about 5 s; one that has not after this long stalled while booting
+(seen once: the emulated host's kernel livelocked 0.6 s in), before the command could do anything."""
+BOOT_ATTEMPTS = 2
+STARTED_NAME = "started"  # the rig's init creates it in the control share just before the command
 
 
 @dataclass
@@ -202,12 +207,18 @@ class _Quiet:
         return now - self.since, stamp is not None
 
 
-def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None) -> str | None:
-    """Wait for QEMU to exit; why it must be stopped instead, or None once it exited."""
+def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWatch | None,
+          started: Path | None = None, boot_by: float = 0.0) -> str | None:
+    """Wait for QEMU to exit; why it must be stopped instead, or None once it exited.
+    With ``started``, a rig that has not created that file by ``boot_by`` is stopped as stalled."""
     while True:
         now = time.monotonic()
         if now >= deadline:
             return late
+        if started is not None and now >= boot_by:
+            if not started.exists():
+                return f"did not start: the rig's kernel had not reached its init's command after {BOOT_LIMIT_S:g} s"
+            started = None
         if watch is not None and watch.stalled(now):
             return watch.reason
         try:
@@ -219,14 +230,32 @@ def _wait(proc: subprocess.Popen, deadline: float, late: str, watch: ProgressWat
 
 def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO, watch: ProgressWatch | None = None) -> int:
     """Boot the rig, stream the command's output, return its exit status (124 when stopped:
-    past ``timeout``, or stalled by ``watch``)."""
+    past ``timeout``, or stalled by ``watch``). A boot that stalls before the command starts
+    is stopped and booted again (BOOT_ATTEMPTS in all, within the same ``timeout``)."""
     if shutil.which(QEMU) is None:
         raise EmberError(f"the rig needs {QEMU} (apt-get install qemu-system-x86)")
+    deadline = time.monotonic() + timeout
+    for attempt in range(1, BOOT_ATTEMPTS):
+        status = _boot_once(run, deadline, timeout, stdout, stderr, watch, may_retry=True)
+        if status is not None:
+            return status
+        stderr.write(f"ember rig: booting it again (attempt {attempt + 1} of {BOOT_ATTEMPTS})\n")
+        stderr.flush()
+    status = _boot_once(run, deadline, timeout, stdout, stderr, watch, may_retry=False)
+    assert status is not None
+    return status
+
+
+def _boot_once(run: RigRun, deadline: float, timeout: float, stdout: TextIO, stderr: TextIO,
+               watch: ProgressWatch | None, may_retry: bool) -> int | None:
+    """One QEMU boot: the command's status, or None when the boot stalled and ``may_retry``."""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     tsc = host_tsc_khz(Path("/proc/cpuinfo").read_text())
     argv = qemu_argv(run, out_w, err_w, tsc)
     log.debug("rig: %s", " ".join(argv))
+    started_file = run.ctl_dir / STARTED_NAME
+    started_file.unlink(missing_ok=True)
     started = time.monotonic()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, pass_fds=(out_w, err_w))
@@ -237,17 +266,20 @@ def boot(run: RigRun, timeout: float, stdout: TextIO, stderr: TextIO, watch: Pro
     proc.stderr.close()
     for pump in pumps:
         pump.start()
-    why = _wait(proc, started + timeout, f"did not finish within {timeout:g} s", watch)
+    why = _wait(proc, deadline, f"did not finish within {timeout:g} s", watch,
+                started=started_file, boot_by=started + BOOT_LIMIT_S)
     if why is not None:
         cpus = cpu_report(run.monitor_socket, run.ctl_dir / "kallsyms")
         proc.kill()
         proc.wait()
         for pump in pumps:
             pump.join(timeout=5)
+        # A command that never started changed nothing: booting again is safe while time is left.
+        retry = may_retry and not started_file.exists() and time.monotonic() < deadline
         stderr.write(f"ember rig: the command {why}; the rig was stopped. "
                      f"Its console's last lines:\n{console_tail(run)}\n{cpus}\n")
         stderr.flush()
-        return TIMEOUT_STATUS
+        return None if retry else TIMEOUT_STATUS
     for pump in pumps:
         pump.join(timeout=5)
     log.info("rig run took %.1f s", time.monotonic() - started)

@@ -202,3 +202,61 @@ def test_tree_fingerprint_follows_directory_changes(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "new.py").write_text("")
     os.utime(tmp_path / "pkg", ns=(1, 1))
     assert survey(tmp_path)[0] != key
+
+
+_FAKE_RIG = textwrap.dedent("""
+    import os, sys, time
+    ctl = sys.argv[1]
+    boots = os.path.join(ctl, "boots")
+    count = int(open(boots).read()) + 1 if os.path.exists(boots) else 1
+    open(boots, "w").write(str(count))
+    if count <= int(sys.argv[2]):
+        time.sleep(60)  # this boot stalls before the command: no 'started'
+    open(os.path.join(ctl, "started"), "w").close()
+    time.sleep(float(sys.argv[4]))  # the command's own work
+    os.write(int(sys.argv[3]), b"the command ran\\n")
+    open(os.path.join(ctl, "status"), "w").write("7")
+""")
+
+
+def _fake_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stalls: int, work_s: float = 0.0) -> RigRun:
+    """A RigRun whose 'QEMU' stalls before the command for its first ``stalls`` boots."""
+    from ember.rig import qemu
+
+    run = RigRun(Path("/k/vmlinux"), Path("/k/rig.cpio"), tmp_path)
+    run.ctl_dir.mkdir()
+    monkeypatch.setattr(qemu, "QEMU", sys.executable)
+    monkeypatch.setattr(qemu, "BOOT_LIMIT_S", 1.0)
+    monkeypatch.setattr(qemu, "WATCH_POLL_S", 0.1)
+    monkeypatch.setattr(qemu, "cpu_report", lambda *a: "(cpu report)")
+    monkeypatch.setattr(qemu, "qemu_argv", lambda r, out_fd, err_fd, tsc: [
+        sys.executable, "-c", _FAKE_RIG, str(r.ctl_dir), str(stalls), str(out_fd), str(work_s)])
+    return run
+
+
+def test_a_rig_boot_that_stalls_before_the_command_is_booted_again(tmp_path, monkeypatch, capsys) -> None:
+    from ember.rig import qemu
+
+    run = _fake_rig(tmp_path, monkeypatch, stalls=1)
+    status = qemu.boot(run, 30.0, sys.stdout, sys.stderr)
+    out, err = capsys.readouterr()
+    assert status == 7 and (run.ctl_dir / "boots").read_text() == "2"
+    assert "the command ran" in out
+    assert "had not reached its init's command after 1 s" in err and "booting it again (attempt 2 of 2)" in err
+
+
+def test_a_rig_whose_boots_all_stall_times_out(tmp_path, monkeypatch, capsys) -> None:
+    from ember.rig import qemu
+
+    run = _fake_rig(tmp_path, monkeypatch, stalls=2)
+    assert qemu.boot(run, 30.0, sys.stdout, sys.stderr) == qemu.TIMEOUT_STATUS
+    assert (run.ctl_dir / "boots").read_text() == "2"
+    assert "the command ran" not in capsys.readouterr().out
+
+
+def test_a_command_that_started_is_never_booted_twice(tmp_path, monkeypatch) -> None:
+    from ember.rig import qemu
+
+    run = _fake_rig(tmp_path, monkeypatch, stalls=0, work_s=2.5)  # runs on well past the boot limit
+    assert qemu.boot(run, 30.0, sys.stdout, sys.stderr) == 7
+    assert (run.ctl_dir / "boots").read_text() == "1"
