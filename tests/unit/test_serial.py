@@ -118,6 +118,20 @@ def test_thr_empty_interrupt_and_iir_read_clears_it() -> None:
     assert p.inb(uart.IIR) & 0x0F == uart.IIR_THR_EMPTY
 
 
+def test_a_burst_of_thr_writes_raises_one_edge_while_the_output_stays_high() -> None:
+    p = Port()
+    p.outb(uart.IER, uart.IER_ETBEI)
+    assert p.inb(uart.IIR) & 0x0F == uart.IIR_THR_EMPTY and p.irq.edges == 1
+    for byte in b"0123456789abcdef":  # one FIFO's worth, as Linux's tx_chars writes it
+        p.outb(uart.THR, byte)
+    assert p.irq.edges == 2  # the output went high once; INTR stays high, no edge per byte
+    assert p.inb(uart.IIR) & 0x0F == uart.IIR_THR_EMPTY
+    assert p.inb(uart.IIR) & uart.IIR_NO_INT
+    p.outb(uart.THR, ord("g"))  # low again, so the next byte is a new edge
+    assert p.irq.edges == 3
+    assert "pending 0x2, thre 1, line high, tx 17 B" in p.dev.describe() and "edges sent 3" in p.dev.describe()
+
+
 def test_interrupt_priority_line_status_rx_thre_modem() -> None:
     p = Port()
     # A loopback overrun makes a line-status condition; modem deltas come from MCR.
