@@ -207,15 +207,12 @@ class BlockDevice(VirtioDevice):
 
     def _serve_spans(self, spans: GuestSpans) -> int | None:
         """A read or write laid out as Linux does it, straight from the chain's iovec array;
-        None for anything else (the memoryview path serves it). Every span is inside guest RAM.
-        Every request of a sequential stream comes here, so it runs in one frame."""
-        iov = spans.iov
-        count = len(iov) >> 1
+        None for anything else (the memoryview path serves it). Every span is inside guest RAM."""
+        iov, count = spans.iov, spans.count
         if not 3 <= count <= iovec.IOV_MAX + 2 or iov[1] != REQUEST_HEADER.size or iov[-1] != STATUS_SIZE:
             return None
-        region = spans.region
-        ram, host = region.view, region.host_addr
-        rtype, _, sector = REQUEST_HEADER.unpack_from(ram, iov[0] - host)
+        ram = spans.region.view
+        rtype, _, sector = REQUEST_HEADER.unpack_from(ram, spans.offset(0))
         if rtype == VIRTIO_BLK_T_IN and spans.readable == 1:
             reading = True
         elif rtype == VIRTIO_BLK_T_OUT and spans.readable == count - 1 and not self.read_only:
@@ -228,7 +225,7 @@ class BlockDevice(VirtioDevice):
             status = VIRTIO_BLK_S_OK
         except RequestError as exc:
             status = self._failed(rtype, sector, exc)
-        ram[iov[-2] - host] = status
+        ram[spans.offset(count - 1)] = status
         return (length if reading and status == VIRTIO_BLK_S_OK else 0) + STATUS_SIZE
 
     def _attempt(self, rtype: int, sector: int, work: Callable[[], int]) -> tuple[int, int]:
@@ -247,9 +244,8 @@ class BlockDevice(VirtioDevice):
     def _span_io(self, sector: int, length: int, reading: bool, spans: GuestSpans) -> None:
         """Move a request's data (every buffer between header and status) with one call."""
         offset = self._check_range(sector, length)
-        iov = spans.iov
         try:
-            done = (iovec.preadv if reading else iovec.pwritev)(self.fd, iov, offset, 1, (len(iov) >> 1) - 2)
+            done = (iovec.preadv if reading else iovec.pwritev)(self.fd, spans.iov, offset, 1, spans.count - 2)
         except OSError as exc:
             raise RequestError(VIRTIO_BLK_S_IOERR, f"I/O error: {exc.strerror}") from None
         if done != length:  # short: the general path loops over the rest
