@@ -119,13 +119,10 @@ class EventLoop:
             timeout = self._next_timeout()
             for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
                 reader, writer = callbacks.get(fd, (None, None))  # None: removed by an earlier callback
-                try:
-                    if events & _WAKES_READER and reader is not None:
-                        reader()
-                    if events & _WAKES_WRITER and writer is not None:
-                        writer()
-                except Exception:  # a failing device must not stop the others
-                    log.exception("event callback for fd %d failed", fd)
+                if events & _WAKES_READER and reader is not None:
+                    self._call(reader)
+                if events & _WAKES_WRITER and writer is not None:
+                    self._call(writer)
             while self._pending:
                 self._call(self._pending.popleft())
             if self._timers:

@@ -48,6 +48,22 @@ def test_a_failing_callback_does_not_stop_the_loop():
         loop.close()
 
 
+def test_a_failing_reader_does_not_keep_the_writer_of_its_fd_from_running():
+    loop = EventLoop()
+    a, b = socket.socketpair()
+    b.send(b"x")  # a is readable and writable in the same turn
+    writable = threading.Event()
+    loop.add_reader(a.fileno(), lambda: 1 / 0)
+    loop.add_writer(a.fileno(), lambda: (writable.set(), loop.remove_writer(a.fileno())))
+    loop.start()
+    try:
+        assert writable.wait(5)
+    finally:
+        loop.close()
+        a.close()
+        b.close()
+
+
 def test_eventfd_reader_fires_once_per_signal():
     loop = EventLoop()
     loop.start()
